@@ -1,0 +1,1 @@
+"""Stage 2 — datasets, planning and MONAI transforms."""

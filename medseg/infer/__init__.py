@@ -1,0 +1,1 @@
+"""Stage 3b — sliding-window prediction and writing outputs on the input grid."""

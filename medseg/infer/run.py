@@ -1,0 +1,114 @@
+"""Predict many inputs into a folder: case grouping, atomic outputs, per-case report.
+
+Inputs are files (NIfTI/NRRD/MHA, nnU-Net channel naming ``<case>_0000`` ...),
+folders of such files, or DICOM series folders (one case each).  A case that fails
+is recorded with its reason and the run continues; nothing partial is left behind.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from medseg.config import dump_yaml
+from medseg.errors import InputError, MedsegError
+from medseg.infer.predictor import Predictor
+from medseg.io import VOLUME_SUFFIXES, is_dicom_file, load_volume, split_suffix, write_volume
+from medseg.types import PathLike
+
+__all__ = ["CaseInput", "group_inputs", "predict_to_folder"]
+
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass
+class CaseInput:
+    """The channel sources of one case, in channel order."""
+
+    case_id: str
+    sources: list[Path]
+
+
+def _expand(path: Path) -> list[Path]:
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_file():
+        return [path]
+    volumes = sorted(p for p in path.iterdir() if p.is_file() and split_suffix(p)[1] in VOLUME_SUFFIXES)
+    return volumes or [path]  # a folder without volume files is a DICOM series folder
+
+
+def group_inputs(inputs: Sequence[PathLike], *, num_channels: int) -> list[CaseInput]:
+    """Group input paths into cases.
+
+    ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz`` ... form one case; other files and
+    DICOM folders are single-channel cases named after the file stem / folder.
+
+    Raises:
+        InputError: A case has the wrong channels (all such cases are listed).
+    """
+    grouped: dict[str, dict[int, Path]] = {}
+    for raw in inputs:
+        for path in _expand(Path(raw)):
+            if path.is_dir() or (path.is_file() and split_suffix(path)[1] not in VOLUME_SUFFIXES):
+                if path.is_file() and not is_dicom_file(path):
+                    raise InputError(path, "not a volume file (.nii.gz, .nii, .nrrd, .mha) nor DICOM")
+                grouped.setdefault(path.name if path.is_dir() else path.stem, {})[0] = path
+                continue
+            stem, _ = split_suffix(path)
+            match = _CHANNEL_RE.match(stem)
+            case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
+            grouped.setdefault(case_id, {})[channel] = path
+    problems = [
+        f"{case_id}: channels {sorted(ch)} (model needs 0..{num_channels - 1})"
+        for case_id, ch in grouped.items()
+        if sorted(ch) != list(range(num_channels))
+    ]
+    if problems:
+        raise InputError(", ".join(map(str, inputs)), "inputs do not form complete cases: " + "; ".join(problems))
+    return [CaseInput(case_id, [ch[i] for i in range(num_channels)]) for case_id, ch in sorted(grouped.items())]
+
+
+def predict_to_folder(
+    predictor: Predictor,
+    inputs: Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    overwrite: bool = False,
+    suffix: str = ".nii.gz",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Predict every case and write ``<case><suffix>`` label volumes on the input grids.
+
+    Also writes ``prediction.yaml`` (model, settings, per-case status and timings) in
+    ``out_dir``.  A failing case is recorded (``status: failed`` with its error) and the
+    run continues.
+
+    Returns:
+        One record per case.
+    """
+    out = Path(out_dir)
+    cases = group_inputs(inputs, num_channels=len(predictor.model.plan.channels))
+    records: list[dict[str, Any]] = []
+    for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
+        target = out / f"{case.case_id}{suffix}"
+        record: dict[str, Any] = {"case": case.case_id, "inputs": [str(s) for s in case.sources]}
+        t0 = time.perf_counter()
+        try:
+            if target.exists() and not overwrite:
+                raise MedsegError(f"{target}: output exists (pass --overwrite to replace it)")
+            label = predictor.predict([load_volume(s) for s in case.sources])
+            write_volume(label, target, overwrite=overwrite, label_names=predictor.label_names)
+            record.update(status="done", output=str(target), **predictor.last_timings)
+        except MedsegError as exc:
+            record.update(status="failed", error=str(exc))
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        records.append(record)
+    dump_yaml({**predictor.describe(), "cases": records}, out / "prediction.yaml", overwrite=True)
+    return records

@@ -1,0 +1,1 @@
+"""Stage 3a — networks, device/precision choice and the model directory."""

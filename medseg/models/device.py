@@ -1,0 +1,69 @@
+"""Device and numeric-precision choice, shared by training and inference.
+
+``auto`` means: CUDA when present, else CPU; mixed precision where the hardware runs
+it natively — bf16 on CUDA GPUs that support it (fp16 with a gradient scaler
+otherwise), bf16 on CPUs with AVX-512 BF16 or AMX, fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["autocast", "cpu_supports_bf16", "resolve_device", "resolve_precision"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` if available else ``cpu``; otherwise the named device.
+
+    Raises:
+        ValueError: A CUDA device was asked for but none is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (``None`` = plain fp32).
+
+    Args:
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        device: Where the network runs.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 autocast is only supported on CUDA; use bf16 or fp32 on CPU")
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    return None
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.autocast`` on ``device`` with ``dtype``; a no-op when ``dtype`` is None."""
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
