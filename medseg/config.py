@@ -47,7 +47,15 @@ class PreprocessConfig(_Strict):
     normalization: Literal["auto", "ct", "zscore"] = Field(
         default="auto", description="auto: 'ct' for CT channels, per-image z-score otherwise"
     )
-    patch_size: tuple[int, int, int] = (64, 64, 32)
+    patch_size: tuple[int, int, int] | Literal["auto"] = Field(
+        default="auto", description="voxels (RAS axis order); auto = largest that fits memory_budget_gb"
+    )
+    memory_budget_gb: float = Field(
+        default=8.0, gt=0, description="activation memory per training process for auto patch and batch size"
+    )
+    anisotropy_threshold: float = Field(
+        default=3.0, gt=1, description="spacing ratio above which the coarse axis gets the 10th percentile spacing"
+    )
 
     @field_validator("orientation")
     @classmethod
@@ -61,31 +69,55 @@ class PreprocessConfig(_Strict):
     @field_validator("target_spacing", "patch_size")
     @classmethod
     def _positive(cls, value: Any) -> Any:
-        if value is not None and min(value) <= 0:
+        if value is not None and value != "auto" and min(value) <= 0:
             raise ValueError("must be positive")
         return value
 
 
-class ModelConfig(_Strict):
-    """A MONAI 3D U-Net."""
+#: A per-level stride or kernel size: one int for all axes or one per (RAS) axis.
+AxisSizes = int | tuple[int, int, int]
 
-    name: Literal["unet"] = "unet"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
+
+class ModelConfig(_Strict):
+    """A MONAI 3D U-Net (``unet``: monai.networks.nets.UNet; ``dynunet``: the nnU-Net architecture)."""
+
+    name: Literal["unet", "dynunet"] = "unet"
+    channels: tuple[int, ...] | Literal["auto"] = Field(
+        default="auto", description="features per level; auto = base_features doubling up to max_features"
+    )
+    strides: tuple[AxisSizes, ...] | Literal["auto"] = Field(
+        default="auto", description="downsampling per level; auto = planned from patch size and spacing"
+    )
+    kernel_sizes: tuple[AxisSizes, ...] | Literal["auto"] = Field(
+        default="auto", description="dynunet: convolution kernel per level (len(strides) + 1); auto = planned"
+    )
+    base_features: int = Field(default=32, ge=1)
+    max_features: int = Field(default=320, ge=1)
     num_res_units: int = Field(default=1, ge=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    deep_supervision: bool = Field(default=False, description="dynunet only: auxiliary losses at coarser levels")
+    deep_supervision_heads: int = Field(default=2, ge=1, description="number of auxiliary outputs")
 
-    @field_validator("strides")
+    @field_validator("strides", "kernel_sizes")
     @classmethod
-    def _strides(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(s < 1 for s in value):
-            raise ValueError("strides must be >= 1")
+    def _strides(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        flat = [v for item in value for v in (item if isinstance(item, tuple) else (item,))]
+        if any(s < 1 for s in flat):
+            raise ValueError("strides and kernel sizes must be >= 1")
         return value
 
     @model_validator(mode="after")
     def _depth(self) -> ModelConfig:
-        if len(self.strides) != len(self.channels) - 1:
+        if self.channels != "auto" and self.strides == "auto":
+            raise ValueError("give strides together with channels (or leave both 'auto')")
+        if self.channels != "auto" and self.strides != "auto" and len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"need len(strides) == len(channels) - 1, got {self.strides} / {self.channels}")
+        if self.kernel_sizes != "auto" and self.strides != "auto" and len(self.kernel_sizes) != len(self.strides) + 1:
+            raise ValueError(f"need len(kernel_sizes) == len(strides) + 1, got {self.kernel_sizes} / {self.strides}")
+        if self.deep_supervision and self.name != "dynunet":
+            raise ValueError("deep_supervision needs name: dynunet")
         return self
 
 
@@ -93,7 +125,7 @@ class TrainConfig(_Strict):
     """Optimisation settings (iteration-based, like nnU-Net's fixed budget)."""
 
     iterations: int = Field(default=600, ge=1)
-    batch_size: int = Field(default=2, ge=1)
+    batch_size: int | Literal["auto"] = Field(default=2, description="patches per step (global); auto = plan's")
     samples_per_volume: int = Field(default=2, ge=1)
     learning_rate: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
@@ -105,6 +137,42 @@ class TrainConfig(_Strict):
     num_workers: int = Field(default=0, ge=0)
     val_every: int = Field(default=0, ge=0, description="iterations between validations; 0 = only at the end")
     val_fraction: float = Field(default=0.0, ge=0, lt=1)
+    val_regions: dict[str, tuple[int, ...]] = Field(
+        default_factory=dict, description="extra validation Dice of label unions, e.g. whole_tumour: [1, 2, 3, 4]"
+    )
+    fold: int | None = Field(default=None, ge=0, description="k-fold validation fold (None: val_fraction split)")
+    folds: int = Field(default=5, ge=2)
+    group_pattern: str | None = Field(
+        default=None, description="regex on case ids giving the patient key (first group); keeps studies together"
+    )
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    batch_dice: bool = Field(default=True, description="Dice over the whole batch (nnU-Net) instead of per sample")
+    flip_axes: tuple[int, ...] = Field(default=(), description="random mirroring along these spatial axes")
+    cache: Literal["memory", "disk", "none"] = Field(
+        default="memory", description="cache preprocessed cases: memory (CacheDataset), disk (PersistentDataset)"
+    )
+    checkpoint_every: int = Field(default=250, ge=0, description="iterations between 'last' checkpoints; 0 = end only")
+    deterministic: bool = Field(default=False, description="torch deterministic algorithms (slower on CUDA)")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        if value != "auto" and int(value) < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
+
+    @field_validator("flip_axes")
+    @classmethod
+    def _flip(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(a not in (0, 1, 2) for a in value):
+            raise ValueError("flip_axes are spatial axes 0, 1, 2")
+        return value
+
+    @model_validator(mode="after")
+    def _fold(self) -> TrainConfig:
+        if self.fold is not None and self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} does not exist with folds: {self.folds} (0..{self.folds - 1})")
+        return self
 
 
 class InferConfig(_Strict):
@@ -116,6 +184,16 @@ class InferConfig(_Strict):
     mirror_axes: tuple[int, ...] = ()
     precision: Precision = "auto"
     device: str = "auto"
+    crop_to_body: bool = Field(
+        default=True, description="skip windows outside the body box (CT > -500 HU, other channels non-zero)"
+    )
+    logits_dtype: Literal["float16", "float32"] = Field(
+        default="float16", description="network-grid logits kept for resampling (blending is float32 per slab)"
+    )
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = torch's default")
+    keep_largest_component: bool = Field(default=False, description="post-processing: largest component per class")
+    min_component_mm3: float = Field(default=0.0, ge=0, description="post-processing: drop smaller components")
+    fill_holes: bool = Field(default=False, description="post-processing: fill enclosed background per class")
 
     @field_validator("mirror_axes")
     @classmethod

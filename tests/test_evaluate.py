@@ -11,7 +11,7 @@ import torch
 from monai.metrics import compute_dice
 from scipy import ndimage
 
-from medseg.errors import DatasetError, GeometryError, OutputExistsError
+from medseg.errors import GeometryError, OutputExistsError
 from medseg.evaluate import (
     ROW_COLUMNS,
     aggregate,
@@ -249,11 +249,16 @@ def test_evaluate_folders_writes_report(tmp_path: Path) -> None:
     assert set(summary["classes"]) == {"liver", "tumour"}
     assert summary["classes"]["liver"]["dice"]["n"] == 3
     assert 0 < summary["mean_foreground_dice"] < 1
-    assert any("stray" in w for w in summary["warnings"])
+    stray = [p for p in summary["problems"] if p["case"] == "stray"]
+    assert [p["kind"] for p in stray] == ["missing_reference"] and "stray.nii.gz" in stray[0]["message"]
+    assert summary["cases_not_evaluated"] == ["stray"]
     assert "Metrics Reloaded" in summary["conventions"]
 
     report = (out / "report.md").read_text()
     assert "| liver |" in report and "case_c" in report and "overlays/case_a.png" in report
+    assert "## Problems" in report and "stray" in report
+    for name in ("lesions.csv", "report.html"):
+        assert (out / name).stat().st_size > 500
     for case_id in case_ids:
         png = out / "overlays" / f"{case_id}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -284,14 +289,21 @@ def test_evaluate_folders_finds_labels_in_reference(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "overlays").exists()
 
 
-def test_missing_predictions_listed_and_nothing_written(tmp_path: Path) -> None:
+def test_missing_predictions_are_listed_and_the_rest_evaluated(tmp_path: Path) -> None:
     preds, refs, _ = make_dataset(tmp_path, ["c1", "c2", "c3", "c4"])
     (preds / "c2.nii.gz").unlink()
     (preds / "c4.nii.gz").unlink()
     out = tmp_path / "report"
-    with pytest.raises(DatasetError) as info:
-        evaluate_folders(preds, refs, out_dir=out, label_names={1: "a", 2: "b"})
-    listed = str(info.value).rsplit(":", 1)[-1]
-    assert [case.strip() for case in listed.split(",")] == ["c2", "c4"]
-    assert "2 of 4" in str(info.value)
-    assert not out.exists()
+    seen: list[str] = []
+    summary = evaluate_folders(
+        preds, refs, out_dir=out, label_names={1: "a", 2: "b"}, max_overlays=0, on_problem=lambda p: seen.append(p.case)
+    )
+    assert seen == ["c2", "c4"]
+    assert [(p["case"], p["kind"]) for p in summary["problems"]] == [
+        ("c2", "missing_prediction"),
+        ("c4", "missing_prediction"),
+    ]
+    assert summary["cases"] == ["c1", "c3"] and summary["n_cases"] == 2
+    assert summary["cases_not_evaluated"] == ["c2", "c4"]
+    with (out / "metrics.csv").open(newline="") as handle:
+        assert sorted({r["case"] for r in csv.DictReader(handle)}) == ["c1", "c3"]

@@ -3,8 +3,14 @@
 Keys: ``"image"`` (a list of channel paths, or :class:`~medseg.io.Volume` objects) and
 ``"label"``.  Loading goes through :func:`medseg.io.load_volume` (so DICOM folders
 work wherever files do) and checks that all channels and the label share one grid.
-Everything after loading is MONAI: ``Orientationd``, ``Spacingd``, intensity scaling,
-``RandCropByPosNegLabeld`` and augmentation.
+Everything after loading is MONAI: intensity normalisation (per channel, as the plan
+says, before resampling as in nnU-Net), ``Orientationd``, ``Spacingd``, class-balanced
+patch sampling (``RandCropByLabelClassesd`` on cached per-class voxel indices) and
+nnU-Net-like spatial and intensity augmentation.
+
+Training splits the pipeline in two: :func:`cache_transforms` (deterministic; cached
+once per case by ``CacheDataset`` / ``PersistentDataset``) and :func:`random_transforms`
+(patch sampling and augmentation, re-seeded per sample by the training loop).
 """
 
 from __future__ import annotations
@@ -16,31 +22,45 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
+    DeleteItemsd,
     EnsureTyped,
     MapTransform,
-    NormalizeIntensity,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
+    RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ScaleIntensityRange,
     Spacingd,
     SpatialPadd,
 )
 
 from medseg.config import TrainConfig
+from medseg.data.datasets import GRID_ATOL, read_label
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.errors import GeometryError
 from medseg.io import Volume, load_volume
 
-__all__ = ["LoadVolumed", "NormalizeChannelsd", "preprocess_transforms", "stack_channels", "train_transforms"]
+__all__ = [
+    "GRID_ATOL",
+    "LoadVolumed",
+    "NormalizeChannelsd",
+    "cache_transforms",
+    "normalize_channel",
+    "preprocess_transforms",
+    "random_transforms",
+    "stack_channels",
+    "train_transforms",
+]
 
-#: Grids of channels and labels may differ by this much (mm) and still count as equal.
-GRID_ATOL = 1e-3
+#: Per-class voxel indices kept per case for patch sampling (a regular subsample beyond this).
+MAX_INDICES_PER_CLASS = 20_000
+_INDICES_KEY = "label_cls_indices"
 
 
 def stack_channels(channels: Sequence[Volume], *, what: str = "image") -> Volume:
@@ -61,10 +81,11 @@ def stack_channels(channels: Sequence[Volume], *, what: str = "image") -> Volume
 
 
 class LoadVolumed(MapTransform):
-    """Load ``image`` (list of channels) and optional ``label`` as MetaTensors in RAS.
+    """Load ``image`` (list of channels) and optional ``label`` as MetaTensors.
 
-    Values may be paths (files or DICOM folders) or already-loaded :class:`Volume` s.
-    The label must lie on the image grid (within 1e-3 mm); a mismatch is an error.
+    Values may be paths (files or DICOM series folders) or already-loaded :class:`Volume` s.
+    Labels are read as integers (:func:`~medseg.data.datasets.read_label`, so a DICOM mask
+    series works too).  The label must lie on the image grid (within 1e-3 mm).
     """
 
     def __init__(self, image_key: str = "image", label_key: str | None = "label") -> None:
@@ -83,7 +104,7 @@ class LoadVolumed(MapTransform):
         d[self.image_key] = image.to_metatensor()
         if self.label_key and d.get(self.label_key) is not None:
             raw = d[self.label_key]
-            label = raw if isinstance(raw, Volume) else load_volume(raw, kind="label")
+            label = raw if isinstance(raw, Volume) else read_label(raw)
             image.geometry.require_same(
                 label.geometry, atol=GRID_ATOL, what=f"image {image.source} and label {label.source}"
             )
@@ -93,39 +114,59 @@ class LoadVolumed(MapTransform):
         return d
 
 
-def _channel_transform(norm: ChannelNorm) -> Any:
+def normalize_channel(values: torch.Tensor, norm: ChannelNorm) -> torch.Tensor:
+    """Normalise one channel as the plan says.
+
+    Args:
+        values: ``(1, X, Y, Z)`` float tensor.
+        norm: The channel's plan entry.
+
+    Returns:
+        ``(1, X, Y, Z)`` float32: CT clipped to ``norm.clip`` and z-scored with the dataset
+        statistics; z-score with this image's mean/std (over the foreground = voxels above
+        the minimum, background set to 0, when ``norm.region == "foreground"``); or unchanged.
+    """
+    x = values.float()
+    if norm.scheme == "none":
+        return x
     if norm.scheme == "ct":
         assert norm.clip is not None and norm.mean is not None and norm.std is not None
-        lo, hi = norm.clip
-        # Clip to [lo, hi] then z-score with dataset statistics, as one linear map.
-        return ScaleIntensityRange(
-            a_min=lo, a_max=hi, b_min=(lo - norm.mean) / norm.std, b_max=(hi - norm.mean) / norm.std, clip=True
-        )
-    return NormalizeIntensity(nonzero=False)
+        return (x.clamp(norm.clip[0], norm.clip[1]) - norm.mean) / norm.std
+    if norm.region == "foreground":
+        mask = x > x.min()
+        if int(mask.sum()) >= 2:
+            fg = x[mask].double()
+            mean, std = float(fg.mean()), float(fg.std(correction=0))
+            return torch.where(mask, (x - mean) / max(std, 1e-8), torch.zeros_like(x))
+    mean, std = float(x.double().mean()), float(x.double().std(correction=0))
+    return (x - mean) / max(std, 1e-8)
 
 
 class NormalizeChannelsd(MapTransform):
-    """Per-channel intensity normalisation as the plan says (CT window+z-score, or z-score)."""
+    """Per-channel intensity normalisation as the plan says (CT window+z-score, z-score, none)."""
 
     def __init__(self, keys: str, channels: Sequence[ChannelNorm]) -> None:
         super().__init__(keys)
-        self.transforms = [_channel_transform(c) for c in channels]
+        self.channels = list(channels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Normalise each channel of the ``(C, X, Y, Z)`` image with its own scheme."""
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            if img.shape[0] != len(self.transforms):
-                raise GeometryError(f"expected {len(self.transforms)} channels, got {img.shape[0]}")
-            parts = [t(img[c : c + 1].float()) for c, t in enumerate(self.transforms)]
-            out = torch.cat([torch.as_tensor(p) for p in parts], dim=0)
-            d[key] = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
+            if img.shape[0] != len(self.channels):
+                raise GeometryError(f"expected {len(self.channels)} channels, got {img.shape[0]}")
+            plain = torch.as_tensor(img)
+            out = torch.cat([normalize_channel(plain[c : c + 1], n) for c, n in enumerate(self.channels)], dim=0)
+            if isinstance(img, MetaTensor):
+                d[key] = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
+            else:
+                d[key] = out
         return d
 
 
 def preprocess_transforms(plan: Plan, *, with_label: bool) -> Compose:
-    """Deterministic part: load -> orientation -> spacing -> normalisation.
+    """Deterministic part: load -> normalisation -> orientation -> spacing.
 
     Output ``image`` is a float32 MetaTensor ``(C, X', Y', Z')`` on the plan's grid;
     ``label`` (if present) a ``(1, X', Y', Z')`` MetaTensor resampled with nearest neighbour.
@@ -135,33 +176,61 @@ def preprocess_transforms(plan: Plan, *, with_label: bool) -> Compose:
     return Compose(
         [
             LoadVolumed("image", "label" if with_label else None),
+            NormalizeChannelsd("image", plan.channels),
             Orientationd(keys=keys, axcodes=plan.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys=keys, pixdim=plan.target_spacing, mode=modes),
-            NormalizeChannelsd("image", plan.channels),
             EnsureTyped(keys="image", dtype=torch.float32),
         ]
     )
 
 
-def train_transforms(plan: Plan, train: TrainConfig) -> Compose:
-    """Preprocessing plus foreground-oversampled patch sampling and augmentation.
+def _label_dtype(plan: Plan) -> torch.dtype:
+    return torch.uint8 if plan.num_classes <= 256 else torch.int32
 
-    Yields ``train.samples_per_volume`` patches of ``plan.patch_size`` per volume.
+
+def cache_transforms(plan: Plan) -> Compose:
+    """Deterministic, cacheable part of training: preprocessing, padding to the patch, class indices.
+
+    Output: ``image`` ``(C, X', Y', Z')`` float32, ``label`` ``(1, X', Y', Z')`` uint8 (both padded
+    to at least the patch size) and ``label_cls_indices`` (flat voxel indices per class,
+    at most :data:`MAX_INDICES_PER_CLASS` each).
     """
     keys = ["image", "label"]
-    pos = train.foreground_ratio
+    return Compose(
+        [
+            *preprocess_transforms(plan, with_label=True).transforms,
+            EnsureTyped(keys="label", dtype=_label_dtype(plan)),
+            SpatialPadd(keys=keys, spatial_size=plan.patch_size),
+            ClassesToIndicesd(keys="label", num_classes=plan.num_classes, max_samples_per_class=MAX_INDICES_PER_CLASS),
+        ]
+    )
+
+
+def random_transforms(plan: Plan, train: TrainConfig) -> Compose:
+    """Patch sampling and augmentation; yields ``train.samples_per_volume`` patches per case.
+
+    A share ``train.foreground_ratio`` of patches is centred on a voxel of a foreground class
+    (classes present in the case chosen with equal probability, as nnU-Net oversamples), the
+    rest on a background voxel.  Augmentation (``train.augment``): rotation/scaling, Gaussian
+    noise and blur, brightness, shift, gamma, and mirroring along ``train.flip_axes``.
+    Output: ``image`` ``(C, *patch)`` float32 and ``label`` ``(1, *patch)`` int64, no metadata.
+    """
+    keys = ["image", "label"]
+    fg = train.foreground_ratio
+    k = plan.num_classes
+    ratios = [max(1.0 - fg, 1e-6)] + [fg / (k - 1)] * (k - 1)
     steps: list[Any] = [
-        *preprocess_transforms(plan, with_label=True).transforms,
-        EnsureTyped(keys="label", dtype=torch.uint8),
-        SpatialPadd(keys=keys, spatial_size=plan.patch_size),
-        RandCropByPosNegLabeld(
+        RandCropByLabelClassesd(
             keys=keys,
             label_key="label",
             spatial_size=plan.patch_size,
-            pos=pos,
-            neg=1.0 - pos,
+            ratios=ratios,
+            num_classes=k,
             num_samples=train.samples_per_volume,
+            indices_key=_INDICES_KEY,
+            warn=False,
         ),
+        DeleteItemsd(keys=_INDICES_KEY),
     ]
     if train.augment:
         steps += [
@@ -177,6 +246,16 @@ def train_transforms(plan: Plan, train: TrainConfig) -> Compose:
             RandGaussianSmoothd(keys="image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
             RandScaleIntensityd(keys="image", factors=0.15, prob=0.3),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=0.3),
+            RandAdjustContrastd(keys="image", prob=0.1, gamma=(0.7, 1.5)),
         ]
+        steps += [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in train.flip_axes]
     steps.append(EnsureTyped(keys=keys, dtype=(torch.float32, torch.long), track_meta=False))
     return Compose(steps)
+
+
+def train_transforms(plan: Plan, train: TrainConfig) -> Compose:
+    """The whole training pipeline (:func:`cache_transforms` then :func:`random_transforms`).
+
+    Yields ``train.samples_per_volume`` patches of ``plan.patch_size`` per volume.
+    """
+    return Compose([*cache_transforms(plan).transforms, *random_transforms(plan, train).transforms])

@@ -1,4 +1,4 @@
-"""Stage 5 — evaluation: per-case overlap and volume metrics, aggregates and reports.
+"""Stage 5 — evaluation: overlap, volume, surface-distance and lesion-wise metrics, aggregates, reports.
 
 Typical use::
 
@@ -6,34 +6,62 @@ Typical use::
 
     summary = evaluate_folders("predictions/", "labelsTs/", out_dir="report/", label_names={1: "spleen"})
 
-See :mod:`medseg.evaluate.metrics` for the metric definitions and the conventions for
-empty structures (Metrics Reloaded).
+Definitions and the conventions for empty structures (Metrics Reloaded) are in
+:mod:`medseg.evaluate.metrics`, :mod:`medseg.evaluate.surface` and :mod:`medseg.evaluate.lesions`.
 """
 
 from __future__ import annotations
 
-from medseg.evaluate.api import evaluate_folders, find_label_files
+from medseg.evaluate.api import Problem, evaluate_folders, find_label_files, present_labels
+from medseg.evaluate.inputs import load_label_names, load_regions, read_label_volume, resample_to_reference
+from medseg.evaluate.lesions import LESION_COLUMNS, LESION_ROW_COLUMNS, lesion_metrics
 from medseg.evaluate.metrics import (
     CONVENTIONS,
     METRIC_COLUMNS,
     ROW_COLUMNS,
+    CaseResult,
+    EvalOptions,
+    Structure,
     aggregate,
     case_metrics,
     confusion_counts,
+    evaluate_case,
+    make_structures,
     metrics_from_counts,
 )
-from medseg.evaluate.report import render_overlay, write_report
+from medseg.evaluate.overlays import error_focus, render_overlay_png
+from medseg.evaluate.report import write_report
+from medseg.evaluate.surface import SURFACE_COLUMNS, SurfaceDistances, surface_distances, surface_metrics
 
 __all__ = [
     "CONVENTIONS",
+    "LESION_COLUMNS",
+    "LESION_ROW_COLUMNS",
     "METRIC_COLUMNS",
     "ROW_COLUMNS",
+    "SURFACE_COLUMNS",
+    "CaseResult",
+    "EvalOptions",
+    "Problem",
+    "Structure",
+    "SurfaceDistances",
     "aggregate",
     "case_metrics",
     "confusion_counts",
+    "error_focus",
+    "evaluate_case",
     "evaluate_folders",
     "find_label_files",
+    "lesion_metrics",
+    "load_label_names",
+    "load_regions",
+    "make_structures",
     "metrics_from_counts",
-    "render_overlay",
+    "present_labels",
+    "read_label_volume",
+    "render_overlay_png",
+    "resample_to_reference",
+    "surface_distances",
+    "surface_metrics",
     "write_report",
 ]

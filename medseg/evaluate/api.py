@@ -1,20 +1,71 @@
-"""Evaluate a folder of predicted label volumes against a folder of references."""
+"""Evaluate predicted label volumes against references: case matching, bad input, report.
+
+Bad input never stops the evaluation of the other cases.  Each of these becomes a *problem*
+(``summary["problems"]``, the report's "Problems" section, and ``on_problem`` as it happens):
+
+* ``missing_prediction`` / ``missing_reference``: a case on one side only (not scored),
+* ``duplicate_case``: several files with one case id on a side (case not scored),
+* ``unreadable``: a file that cannot be read as a label volume (case not scored),
+* ``geometry``: prediction and reference grids differ and ``resample_to_ref`` is off (not scored),
+* ``unexpected_labels``: label values outside the declared set (the case is still scored on the
+  declared classes), or, without declared labels, prediction values absent from every reference,
+* ``error``: anything else that went wrong for one case (message names the exception).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg.errors import DatasetError, InputError, OutputExistsError
-from medseg.evaluate.metrics import case_metrics, metrics_from_counts, voxel_volume_ml
-from medseg.evaluate.report import OVERLAY_DIR, Overlay, best_slice, overlay_name, write_report
+from medseg.errors import DatasetError, InputError, MedsegError, OutputExistsError
+from medseg.evaluate.inputs import (
+    find_case_files,
+    names_from_meta,
+    read_label_volume,
+    resample_to_reference,
+)
+from medseg.evaluate.metrics import (
+    ROW_COLUMNS,
+    EvalOptions,
+    Structure,
+    evaluate_case,
+    make_structures,
+    metrics_from_counts,
+    voxel_volume_ml,
+)
+from medseg.evaluate.overlays import error_focus, render_overlay_png
+from medseg.evaluate.report import OVERLAY_DIR, REPORT_FILES, OverlayImage, write_report
+from medseg.evaluate.surface import SURFACE_COLUMNS
 from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, load_volume, split_suffix
 from medseg.types import PathLike
 
-__all__ = ["evaluate_folders", "find_label_files"]
+__all__ = ["Problem", "evaluate_folders", "find_label_files", "present_labels"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad input found while evaluating.
+
+    Attributes:
+        kind: ``missing_prediction``, ``missing_reference``, ``duplicate_case``, ``unreadable``,
+            ``geometry``, ``unexpected_labels`` or ``error``.
+        message: What is wrong, naming the file.
+        case: Case id (``None`` for problems not tied to one case).
+        file: The offending file, if one.
+    """
+
+    kind: str
+    message: str
+    case: str | None = None
+    file: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.case}: {self.message}" if self.case else self.message
 
 
 def evaluate_folders(
@@ -27,97 +78,303 @@ def evaluate_folders(
     max_overlays: int = 8,
     atol: float = 1e-4,
     overwrite: bool = False,
+    regions: Mapping[str, Sequence[int | str]] | None = None,
+    tolerance_mm: float = 2.0,
+    percentile: float = 95.0,
+    connectivity: int = 26,
+    match_iou: float = 0.1,
+    resample_to_ref: bool = False,
+    surface: bool = True,
+    lesions: bool = True,
+    html: bool = True,
+    on_problem: Callable[[Problem], None] | None = None,
 ) -> dict[str, Any]:
     """Compare predicted label volumes with references and write a report.
 
-    Cases are matched by case id, the file name without its volume suffix
-    (``case_001.nii.gz`` -> ``case_001``).  When both ``pred`` and ``ref`` are single
-    files they are compared whatever their names (the case id is the reference's).
-    Every reference case needs a prediction; predictions without a reference are
-    ignored and reported as a warning.
+    Cases are matched by case id, the file name without its suffix (``case_001.nii.gz`` ->
+    ``case_001``).  When both ``pred`` and ``ref`` are single files they are compared whatever
+    their names (the case id is the reference's).  Bad input is listed as problems (see the
+    module docstring); the other cases are evaluated.
 
     Args:
-        pred: Folder of predicted label volumes (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``)
-            or a single file.
-        ref: Folder of reference label volumes or a single file.
+        pred: Folder of predicted label volumes (NIfTI, NRRD, MHA, DICOM SEG ``.dcm``) or one file.
+        ref: Folder of reference label volumes or one file.
         out_dir: Report folder (see :func:`~medseg.evaluate.report.write_report`).
-        label_names: ``{label value: class name}``; ``None`` evaluates every label found in
-            the references, named ``label_<n>``.
-        images: Optional folder of images named ``<case>_0000.nii.gz`` (nnU-Net) or
-            ``<case>.nii.gz`` (any volume suffix), or a single image file, shown under
-            the overlays.
-        max_overlays: Overlay PNGs for at most this many cases (the first by case id).
+        label_names: ``{label value: class name}``; ``None`` evaluates every label found in the
+            references, named from the files' metadata (DICOM SEG, sidecar) or ``label_<n>``.
+        images: Optional folder of images named ``<case>_0000<suffix>`` (nnU-Net) or
+            ``<case><suffix>``, or a single image file, shown under the overlays.
+        max_overlays: Overlays for at most this many cases, the worst (lowest mean class Dice) first.
         atol: Tolerance (mm) of the grid comparison of prediction and reference.
         overwrite: Replace existing report files.
+        regions: ``{region name: [label values or class names]}`` evaluated like classes.
+        tolerance_mm: NSD tolerance in mm.
+        percentile: Percentile of the robust Hausdorff distance (``hd95_mm``).
+        connectivity: Lesion connectivity (6, 18 or 26).
+        match_iou: Lesion detection needs IoU above this (0 = any overlap).
+        resample_to_ref: Put predictions on a different grid onto the reference grid (nearest
+            neighbour) instead of reporting a geometry problem.
+        surface: Compute surface distances.
+        lesions: Compute lesion-wise metrics.
+        html: Write ``report.html``.
+        on_problem: Called with each :class:`Problem` as soon as it is found.
 
     Returns:
-        The summary written to ``summary.json``.
+        The summary written to ``summary.json`` (``problems`` lists the bad input).
 
     Raises:
-        InputError: A path does not exist or a volume cannot be read.
-        DatasetError: No reference volumes, duplicate case ids, or reference cases without
-            a prediction (all of them are listed).  Nothing is written.
-        GeometryError: A prediction is not on its reference's grid.
-        OutputExistsError: Report files exist and ``overwrite`` is false.
+        InputError: ``pred``, ``ref`` or ``images`` does not exist.
+        DatasetError: No reference label volumes at all.
+        ConfigError: Invalid options or regions.
+        OutputExistsError: Report files exist and ``overwrite`` is false (checked before any work).
     """
     pred, ref, out_dir = Path(pred), Path(ref), Path(out_dir)
-    ref_files = find_label_files(ref, what="reference")
-    if not ref_files:
-        raise DatasetError(f"{ref}: no reference label volumes ({', '.join(VOLUME_SUFFIXES)})")
-    pred_files = find_label_files(pred, what="prediction")
-    if pred.is_file() and ref.is_file():
-        pred_files = {next(iter(ref_files)): pred}
-    missing = sorted(set(ref_files) - set(pred_files))
-    if missing:
-        raise DatasetError(
-            f"{pred}: no prediction for {len(missing)} of {len(ref_files)} reference case(s): {', '.join(missing)}"
-        )
-    warnings: list[str] = []
-    extra = sorted(set(pred_files) - set(ref_files))
-    if extra:
-        warnings.append(f"ignored {len(extra)} prediction(s) without a reference: {', '.join(extra)}")
-    case_ids = sorted(ref_files)
-    overlay_ids = case_ids[: max(max_overlays, 0)]
+    options = EvalOptions(
+        tolerance_mm=tolerance_mm,
+        percentile=percentile,
+        connectivity=connectivity,
+        match_iou=match_iou,
+        surface=surface,
+        lesions=lesions,
+    )
+    if label_names is not None:
+        label_names = {int(k): str(v) for k, v in label_names.items() if int(k) != 0}
+        structures: list[Structure] | None = make_structures(label_names, regions)  # validates regions now
+    else:
+        structures = None
     if not overwrite:
-        _require_absent(out_dir, overlay_ids)
-    image_files = _find_images(Path(images), overlay_ids, warnings) if images is not None else {}
+        _require_absent(out_dir)
+    problems: list[Problem] = []
 
-    rows: list[dict[str, Any]] = []
-    overlays: list[Overlay] = []
-    voxel_ml: dict[str, float] = {}
-    found: set[int] = set()
-    for case_id in case_ids:
-        ref_vol = load_volume(ref_files[case_id], kind="label")
-        pred_vol = load_volume(pred_files[case_id], kind="label")
-        if label_names is None:
-            ref_labels = present_labels(ref_vol)
-            found |= ref_labels
-            names = {v: f"label_{v}" for v in ref_labels | present_labels(pred_vol)}
-        else:
-            names = label_names
-        rows += case_metrics(pred_vol, ref_vol, label_names=names, case_id=case_id, atol=atol)
-        voxel_ml[case_id] = voxel_volume_ml(ref_vol)
-        if case_id in overlay_ids:
-            image = _load_image(image_files.get(case_id), ref_vol.geometry, case_id, warnings)
-            overlays.append(_overlay_slab(case_id, image, ref_vol, pred_vol))
-    if label_names is None:
-        label_names = {v: f"label_{v}" for v in sorted(found - {0})}
-        rows = _complete_rows(rows, label_names, voxel_ml)
-        if not label_names:
-            warnings.append("the references contain no foreground label; nothing to evaluate")
+    def report(problem: Problem) -> None:
+        problems.append(problem)
+        if on_problem is not None:
+            on_problem(problem)
+
+    pairs = _match_cases(pred, ref, report)
+    image_files = _find_images(Path(images), sorted(pairs)) if images is not None else {}
+
+    state = _RunState(label_names=label_names, structures=structures, regions=regions, options=options)
+    for case_id in sorted(pairs):
+        pred_file, ref_file = pairs[case_id]
+        try:
+            _evaluate_one(case_id, pred_file, ref_file, state, report, atol=atol, resample=resample_to_ref)
+        except MedsegError as exc:
+            report(Problem("error", str(exc), case_id))
+        except Exception as exc:  # keep going: one broken case must not stop a batch
+            report(Problem("error", f"{type(exc).__name__}: {exc}", case_id))
+
+    final_names = state.final_label_names(report)
+    rows = _complete_rows(state, final_names)
+    region_values = {s.name: list(s.labels) for s in state.structures_for(final_names) if s.kind == "region"}
+    warnings: list[str] = []
+    overlays = _render_overlays(
+        rows, pairs, state, final_names, image_files, max_overlays, warnings, atol=atol, resample=resample_to_ref
+    )
+    if not state.evaluated:
+        warnings.append("no case could be evaluated")
+    elif label_names is None and not final_names:
+        warnings.append("the references contain no foreground label; nothing to evaluate")
     inputs = {"prediction": str(pred), "reference": str(ref), "images": None if images is None else str(images)}
+    option_summary = {**asdict(options), "resample_to_ref": resample_to_ref, "geometry_atol_mm": atol}
+    failed = sorted({p.case for p in problems if p.case and p.case not in state.evaluated})
+    lesion_rows = [r for r in state.lesion_rows if (r["kind"], r["name"]) in {(r2["kind"], r2["name"]) for r2 in rows}]
     return write_report(
         rows,
         out_dir,
-        label_names=label_names,
+        label_names=final_names,
+        lesion_rows=lesion_rows,
+        regions=region_values,
         overlays=overlays,
+        problems=[asdict(p) for p in problems],
         warnings=warnings,
-        extra={"n_cases": len(case_ids), "cases": case_ids, "inputs": inputs},
+        options=option_summary,
+        extra={
+            "n_cases": len(state.evaluated),
+            "cases": sorted(state.evaluated),
+            "cases_not_evaluated": failed,
+            "n_problems": len(problems),
+            "inputs": inputs,
+        },
+        html=html,
         overwrite=overwrite,
     )
 
 
+# ------------------------------------------------------------------ per case
+@dataclass
+class _RunState:
+    label_names: dict[int, str] | None
+    structures: list[Structure] | None
+    regions: Mapping[str, Sequence[int | str]] | None
+    options: EvalOptions
+
+    def __post_init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.lesion_rows: list[dict[str, Any]] = []
+        self.evaluated: dict[str, float] = {}  # case -> voxel volume (mL)
+        self.ref_found: set[int] = set()
+        self.pred_only: dict[int, list[str]] = {}
+        self.meta_names: dict[int, str] = {}
+        self.resampled: set[str] = set()
+
+    def structures_for(self, names: Mapping[int, str]) -> list[Structure]:
+        if self.structures is not None:
+            return self.structures
+        return make_structures(names, self.regions)
+
+    def final_label_names(self, report: Callable[[Problem], None]) -> dict[int, str]:
+        if self.label_names is not None:
+            return dict(self.label_names)
+        for value, cases in sorted(self.pred_only.items()):
+            if value not in self.ref_found:
+                report(
+                    Problem(
+                        "unexpected_labels",
+                        f"prediction label {value} (in {len(cases)} case(s): {', '.join(cases[:10])}) never occurs "
+                        "in a reference; not evaluated (pass label names to evaluate it)",
+                    )
+                )
+        return {v: self.meta_names.get(v, f"label_{v}") for v in sorted(self.ref_found)}
+
+
+def _evaluate_one(
+    case_id: str,
+    pred_file: Path,
+    ref_file: Path,
+    state: _RunState,
+    report: Callable[[Problem], None],
+    *,
+    atol: float,
+    resample: bool,
+) -> None:
+    volumes = _read_pair(case_id, pred_file, ref_file, report, atol=atol, resample=resample)
+    if volumes is None:
+        return
+    pred_vol, ref_vol = volumes
+    if resample and pred_vol.meta.get("resampled_from"):
+        state.resampled.add(case_id)
+    if state.label_names is not None:
+        structures = state.structures_for(state.label_names)
+    else:
+        ref_values, pred_values = present_labels(ref_vol) - {0}, present_labels(pred_vol) - {0}
+        state.ref_found |= ref_values
+        state.meta_names.update({k: v for k, v in names_from_meta(ref_vol).items() if k not in state.meta_names})
+        for v in pred_values - ref_values:
+            state.pred_only.setdefault(v, []).append(case_id)
+        names = {v: state.meta_names.get(v, f"label_{v}") for v in sorted(ref_values | pred_values)}
+        structures = state.structures_for(names)
+    result = evaluate_case(pred_vol, ref_vol, structures=structures, case_id=case_id, options=state.options, atol=atol)
+    if state.label_names is not None:
+        declared = set(state.label_names)
+        for what, values, file in (
+            ("reference", result.present_ref, ref_file),
+            ("prediction", result.present_pred, pred_file),
+        ):
+            extra = sorted(values - declared)
+            if extra:
+                report(
+                    Problem(
+                        "unexpected_labels",
+                        f"{file}: {what} contains label value(s) {extra} outside the declared labels "
+                        f"{sorted(declared)}; they are treated as background",
+                        case_id,
+                        str(file),
+                    )
+                )
+    state.rows += result.rows
+    state.lesion_rows += result.lesion_rows
+    state.evaluated[case_id] = voxel_volume_ml(ref_vol)
+
+
+def _read_pair(
+    case_id: str,
+    pred_file: Path,
+    ref_file: Path,
+    report: Callable[[Problem], None],
+    *,
+    atol: float,
+    resample: bool,
+) -> tuple[Volume, Volume] | None:
+    """Both volumes on the reference grid, or ``None`` after reporting why not."""
+    loaded: dict[str, Volume] = {}
+    for what, file in (("reference", ref_file), ("prediction", pred_file)):
+        try:
+            loaded[what] = read_label_volume(file)
+        except MedsegError as exc:
+            report(Problem("unreadable", f"{what}: {exc}", case_id, str(file)))
+    if len(loaded) < 2:
+        return None
+    ref_vol, pred_vol = loaded["reference"], loaded["prediction"]
+    if not ref_vol.geometry.allclose(pred_vol.geometry, atol=atol):
+        if not resample:
+            report(
+                Problem(
+                    "geometry",
+                    f"{pred_file}: prediction grid ({pred_vol.geometry.describe()}) differs from the reference grid "
+                    f"({ref_vol.geometry.describe()}); not evaluated (use --resample-to-ref to resample it)",
+                    case_id,
+                    str(pred_file),
+                )
+            )
+            return None
+        pred_vol = resample_to_reference(pred_vol, ref_vol.geometry)
+    elif pred_vol.geometry is not ref_vol.geometry:
+        pred_vol = Volume(pred_vol.array, ref_vol.geometry, kind="label", source=pred_vol.source, meta=pred_vol.meta)
+    return pred_vol, ref_vol
+
+
+def _complete_rows(state: _RunState, names: Mapping[int, str]) -> list[dict[str, Any]]:
+    """Rows of the final structures; both-empty rows for classes absent from a case."""
+    structures = state.structures_for(names)
+    wanted = {(s.kind, s.name) for s in structures}
+    kept = {(r["case"], r["kind"], r["name"]): r for r in state.rows if (r["kind"], r["name"]) in wanted}
+    out = []
+    for case_id in sorted(state.evaluated):
+        for s in structures:
+            row = kept.get((case_id, s.kind, s.name))
+            if row is None:
+                row = _empty_row(case_id, s, state.evaluated[case_id], state.options)
+            out.append(row)
+    return out
+
+
+def _empty_row(case_id: str, structure: Structure, voxel_ml: float, options: EvalOptions) -> dict[str, Any]:
+    row: dict[str, Any] = {"case": case_id, "kind": structure.kind, "label": structure.label, "name": structure.name}
+    row.update(metrics_from_counts(0, 0, 0, voxel_ml=voxel_ml))
+    row.update(dict.fromkeys(SURFACE_COLUMNS, math.nan))
+    row["nsd_tolerance_mm"] = options.tolerance_mm
+    counts = ("ref_lesions", "pred_lesions", "lesion_tp", "lesion_fn", "lesion_fp")
+    for column in ROW_COLUMNS:  # lesion columns: no lesion on either side (NaN rates), as lesion_metrics
+        row.setdefault(column, 0 if column in counts and options.lesions else math.nan)
+    return {c: row[c] for c in ROW_COLUMNS}
+
+
 # ------------------------------------------------------------------ inputs
+def _match_cases(pred: Path, ref: Path, report: Callable[[Problem], None]) -> dict[str, tuple[Path, Path]]:
+    """``{case id: (prediction file, reference file)}``; everything unmatched is reported."""
+    ref_files = find_case_files(ref, what="reference")
+    pred_files = find_case_files(pred, what="prediction")
+    if not ref_files.files and not ref_files.duplicates:
+        raise DatasetError(f"{ref}: no reference label volumes ({', '.join((*VOLUME_SUFFIXES, '.dcm'))})")
+    if pred.is_file() and ref.is_file():
+        only = next(iter(ref_files.files))
+        return {only: (pred, ref_files.files[only])}
+    for side, found in (("reference", ref_files), ("prediction", pred_files)):
+        for case_id, files in sorted(found.duplicates.items()):
+            names = ", ".join(f.name for f in files)
+            report(Problem("duplicate_case", f"several {side} files for one case: {names}", case_id, str(files[0])))
+    skip = set(ref_files.duplicates) | set(pred_files.duplicates)
+    for case_id in sorted(set(ref_files.files) - set(pred_files.files) - skip):
+        file = ref_files.files[case_id]
+        report(Problem("missing_prediction", f"no prediction in {pred} for reference {file.name}", case_id, str(file)))
+    for case_id in sorted(set(pred_files.files) - set(ref_files.files) - skip):
+        file = pred_files.files[case_id]
+        report(Problem("missing_reference", f"no reference in {ref} for prediction {file.name}", case_id, str(file)))
+    common = (set(ref_files.files) & set(pred_files.files)) - skip
+    return {c: (pred_files.files[c], ref_files.files[c]) for c in sorted(common)}
+
+
 def find_label_files(path: Path, *, what: str = "label") -> dict[str, Path]:
     """``{case id: file}`` of the volume files in a folder, or of a single file.
 
@@ -127,32 +384,25 @@ def find_label_files(path: Path, *, what: str = "label") -> dict[str, Path]:
         InputError: ``path`` does not exist.
         DatasetError: Two files share a case id (e.g. ``a.nii`` and ``a.nii.gz``).
     """
-    if not path.exists():
+    if not Path(path).exists():
         raise InputError(path, f"no such {what} file or folder")
-    candidates = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    found: dict[str, Path] = {}
-    duplicates: list[str] = []
-    for file in candidates:
-        case_id, suffix = split_suffix(file)
-        if file.name.startswith(".") or suffix not in VOLUME_SUFFIXES:
-            continue
-        if case_id in found:
-            duplicates.append(f"{found[case_id].name} / {file.name}")
-        found[case_id] = file
-    if duplicates:
-        raise DatasetError(f"{path}: several {what} files per case: {'; '.join(duplicates)}")
-    return found
+    found = find_case_files(path, what=what)
+    if found.duplicates:
+        listing = "; ".join(" / ".join(f.name for f in files) for files in found.duplicates.values())
+        raise DatasetError(f"{path}: several {what} files per case: {listing}")
+    return {k: v for k, v in found.files.items() if split_suffix(v)[1] in VOLUME_SUFFIXES or Path(path).is_file()}
 
 
-def _require_absent(out_dir: Path, overlay_ids: Iterable[str]) -> None:
-    names = ["metrics.csv", "summary.json", "report.md"]
-    names += [f"{OVERLAY_DIR}/{overlay_name(case_id)}" for case_id in overlay_ids]
-    for name in names:
+def _require_absent(out_dir: Path) -> None:
+    for name in REPORT_FILES:
         if (out_dir / name).exists():
             raise OutputExistsError(out_dir / name)
+    overlay_dir = out_dir / OVERLAY_DIR
+    if overlay_dir.is_dir() and any(p.suffix == ".png" for p in overlay_dir.iterdir()):
+        raise OutputExistsError(overlay_dir)
 
 
-def _find_images(images: Path, case_ids: list[str], warnings: list[str]) -> dict[str, Path]:
+def _find_images(images: Path, case_ids: list[str]) -> dict[str, Path]:
     """Image file of each case: ``<case>_0000<suffix>``, else ``<case><suffix>``."""
     if not images.exists():
         raise InputError(images, "no such image file or folder")
@@ -165,16 +415,79 @@ def _find_images(images: Path, case_ids: list[str], warnings: list[str]) -> dict
             if match is not None:
                 found[case_id] = match
                 break
-    absent = [c for c in case_ids if c not in found]
-    if absent:
-        warnings.append(f"no image for the overlay of {len(absent)} case(s): {', '.join(absent)}")
     return found
+
+
+# ------------------------------------------------------------------ overlays
+def _worst_cases(rows: Iterable[dict[str, Any]], limit: int) -> list[tuple[str, float]]:
+    """Cases ordered by mean class Dice (ascending; cases without a defined Dice last)."""
+    scores: dict[str, list[float]] = {}
+    for row in rows:
+        if row["kind"] == "class" and not math.isnan(float(row["dice"])):
+            scores.setdefault(str(row["case"]), []).append(float(row["dice"]))
+        else:
+            scores.setdefault(str(row["case"]), [])
+    ranked = sorted(scores.items(), key=lambda kv: (not kv[1], float(np.mean(kv[1])) if kv[1] else 0.0, kv[0]))
+    return [(case, float(np.mean(values)) if values else math.nan) for case, values in ranked[: max(limit, 0)]]
+
+
+def _render_overlays(
+    rows: list[dict[str, Any]],
+    pairs: Mapping[str, tuple[Path, Path]],
+    state: _RunState,
+    names: Mapping[int, str],
+    image_files: Mapping[str, Path],
+    limit: int,
+    warnings: list[str],
+    *,
+    atol: float,
+    resample: bool,
+) -> list[OverlayImage]:
+    if not names:
+        return []
+    out = []
+    for case_id, mean_dice in _worst_cases([r for r in rows if r["case"] in state.evaluated], limit):
+        pred_file, ref_file = pairs[case_id]
+        volumes = _read_pair(case_id, pred_file, ref_file, lambda p: None, atol=atol, resample=resample)
+        if volumes is None:
+            continue
+        pred_vol, ref_vol = volumes
+        image = _load_image(image_files.get(case_id), ref_vol.geometry, case_id, warnings)
+        case_rows = [r for r in rows if r["case"] == case_id and r["kind"] == "class"]
+        worst = min(case_rows, key=lambda r: (math.isnan(float(r["dice"])), float(r["dice"])), default=None)
+        subtitle = f"mean class Dice {mean_dice:.3f}"
+        values = list(names)
+        if worst is not None and not math.isnan(float(worst["dice"])):
+            subtitle += f"; worst {worst['name']}: Dice {float(worst['dice']):.3f}, HD {_mm(worst['hd_mm'])}"
+            values = [int(worst["label"])]
+        focus = error_focus(pred_vol.array[0], ref_vol.array[0], values=values, spacing=ref_vol.geometry.spacing)
+        png, lps = render_overlay_png(
+            case_id=case_id, image=image, ref=ref_vol, pred=pred_vol, label_names=names, focus=focus, subtitle=subtitle
+        )
+        caption = (
+            f"{case_id}: {subtitle}. Planes through the point where the worst class's Hausdorff distance is "
+            f"attained, LPS ({lps[0]:.1f}, {lps[1]:.1f}, {lps[2]:.1f}) mm."
+        )
+        out.append(OverlayImage(case=case_id, png=png, caption=caption, focus_lps_mm=lps))
+    missing = [o.case for o in out if o.case not in image_files]
+    if image_files and missing:
+        warnings.append(f"no image for the overlay of {len(missing)} case(s): {', '.join(missing)}")
+    return out
+
+
+def _mm(value: Any) -> str:
+    v = float(value)
+    return "inf" if math.isinf(v) else ("n/a" if math.isnan(v) else f"{v:.1f} mm")
 
 
 def _load_image(path: Path | None, geometry: Geometry, case_id: str, warnings: list[str]) -> Volume | None:
     if path is None:
         return None
-    image = load_volume(path, kind="image")
+    try:
+        image = load_volume(path, kind="image")
+    except MedsegError as exc:
+        warnings.append(f"image of case {case_id} unreadable ({exc}); overlay shown without it")
+        return None
     if not image.geometry.allclose(geometry, atol=1e-3):
         warnings.append(f"image of case {case_id} is not on the reference grid; overlay shown without it")
         return None
@@ -190,35 +503,3 @@ def present_labels(volume: Volume) -> set[int]:
     if int(array.max()) < 1 << 16:
         return {int(v) for v in np.flatnonzero(np.bincount(array.reshape(-1)))}
     return {int(v) for v in np.unique(array)}
-
-
-def _complete_rows(
-    rows: list[dict[str, Any]], label_names: dict[int, str], voxel_ml: dict[str, float]
-) -> list[dict[str, Any]]:
-    """Keep the rows of ``label_names``; add both-empty rows for labels absent from a case."""
-    kept = {(r["case"], r["label"]): r for r in rows if r["label"] in label_names}
-    out = []
-    for case_id in sorted(voxel_ml):
-        for value, name in sorted(label_names.items()):
-            row = kept.get((case_id, value))
-            if row is None:
-                row = {"case": case_id, "label": value, "name": name}
-                row.update(metrics_from_counts(0, 0, 0, voxel_ml=voxel_ml[case_id]))
-            out.append(row)
-    return out
-
-
-def _slab(volume: Volume, k: int, geometry: Geometry) -> Volume:
-    """Copy of axial slice ``k`` (array ``(1, X, Y, 1)``) on the given one-slice grid."""
-    array = np.ascontiguousarray(volume.array[:1, :, :, k : k + 1])
-    return Volume(array=array, geometry=geometry, kind=volume.kind, source=volume.source)
-
-
-def _overlay_slab(case_id: str, image: Volume | None, ref: Volume, pred: Volume) -> Overlay:
-    """The overlay inputs reduced to the slice the report shows (keeps memory small)."""
-    k = best_slice(ref.array[0], pred.array[0])
-    affine = ref.geometry.affine.copy()
-    affine[:, 3] = ref.geometry.affine @ np.array([0.0, 0.0, float(k), 1.0])
-    geometry = Geometry(shape=(ref.geometry.shape[0], ref.geometry.shape[1], 1), affine=affine)
-    image_slab = None if image is None else _slab(image, k, geometry)
-    return (case_id, image_slab, _slab(ref, k, geometry), _slab(pred, k, geometry))

@@ -1,7 +1,12 @@
-"""Evaluation report: ``metrics.csv``, ``summary.json``, ``report.md`` and overlay PNGs.
+"""Evaluation report files.
 
-Every file is written atomically (temporary file + rename); if writing the report fails
-part way, the files this call already wrote are removed again.
+``metrics.csv`` (one row per case x structure), ``lesions.csv`` (one row per lesion),
+``summary.json`` (aggregates, conventions, options, problems: the machine-readable summary),
+``report.md``, ``report.html`` (self-contained: plots and overlays embedded) and
+``overlays/<case>.png``.
+
+Every file is written atomically (temporary file + rename); if writing the report fails part way,
+the files this call already wrote are removed again.
 """
 
 from __future__ import annotations
@@ -11,65 +16,106 @@ import csv
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
 
 from medseg.errors import OutputExistsError
+from medseg.evaluate.html import render_html
+from medseg.evaluate.lesions import LESION_ROW_COLUMNS
 from medseg.evaluate.metrics import CONVENTIONS, ROW_COLUMNS, aggregate
+from medseg.evaluate.plots import metric_plots_png
 from medseg.io.images import atomic_path, write_json_atomic
-from medseg.io.volume import Geometry, Volume
 
-__all__ = ["OVERLAY_DIR", "best_slice", "overlay_name", "render_overlay", "write_report"]
+__all__ = [
+    "LESION_CSV_COLUMNS",
+    "OVERLAY_DIR",
+    "REPORT_FILES",
+    "OverlayImage",
+    "json_safe",
+    "overlay_name",
+    "write_report",
+]
 
 #: Sub-folder of the report holding the overlay PNGs.
 OVERLAY_DIR = "overlays"
 
-#: ``(case_id, image or None, reference, prediction)``.
-Overlay: TypeAlias = tuple[str, Volume | None, Volume, Volume]
+#: Fixed report files (overlays come on top).
+REPORT_FILES: tuple[str, ...] = ("metrics.csv", "lesions.csv", "summary.json", "report.md", "report.html")
+
+#: Columns of ``lesions.csv``.
+LESION_CSV_COLUMNS: tuple[str, ...] = ("case", "kind", "label", "name", *LESION_ROW_COLUMNS)
+
+
+@dataclass(frozen=True)
+class OverlayImage:
+    """A rendered overlay of one case.
+
+    Attributes:
+        case: Case id.
+        png: PNG file content.
+        caption: Text under the image.
+        focus_lps_mm: Point the slices go through (LPS mm).
+    """
+
+    case: str
+    png: bytes
+    caption: str
+    focus_lps_mm: tuple[float, float, float]
+
+
+def overlay_name(case_id: str) -> str:
+    """File name of a case's overlay (characters unsafe in file names become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", case_id) + ".png"
 
 
 def write_report(
     rows: list[dict[str, Any]],
     out_dir: Path,
     *,
-    label_names: dict[int, str],
-    overlays: Sequence[Overlay] = (),
-    conventions_note: str = CONVENTIONS,
+    label_names: Mapping[int, str],
+    lesion_rows: Sequence[dict[str, Any]] = (),
+    regions: Mapping[str, Sequence[int]] | None = None,
+    overlays: Sequence[OverlayImage] = (),
+    problems: Sequence[Mapping[str, Any]] = (),
     warnings: Sequence[str] = (),
+    options: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    conventions_note: str = CONVENTIONS,
+    html: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the evaluation report of ``rows`` into ``out_dir``.
 
-    Files: ``metrics.csv`` (one row per case and class, columns of
-    :data:`~medseg.evaluate.metrics.ROW_COLUMNS`), ``summary.json`` (the
-    :func:`~medseg.evaluate.metrics.aggregate` plus conventions and warnings),
-    ``report.md`` and ``overlays/<case>.png`` for each overlay.
-
     Args:
-        rows: Rows of :func:`~medseg.evaluate.metrics.case_metrics`.
+        rows: Rows of :func:`~medseg.evaluate.metrics.evaluate_case` (keys :data:`ROW_COLUMNS`).
         out_dir: Report folder (created if needed).
         label_names: ``{label value: class name}`` of the evaluated classes.
-        overlays: ``(case_id, image or None, reference, prediction)`` tuples; the volumes
-            have arrays ``(C, X, Y, Z)`` on one grid (the image's first channel is shown).
-        conventions_note: Text describing the metric conventions (stored and shown).
-        warnings: Messages to record in the summary and the report.
-        extra: Further JSON-serialisable entries for the summary (e.g. input paths).
+        lesion_rows: Lesion rows (keys :data:`LESION_CSV_COLUMNS`).
+        regions: ``{region name: label values}`` of the evaluated regions.
+        overlays: Rendered overlays, worst case first.
+        problems: Input problems (``case``, ``kind``, ``message``, ``file``), shown first.
+        warnings: Further notes.
+        options: Metric options (stored in the summary and shown).
+        extra: Further JSON-serialisable summary entries (e.g. input paths).
+        conventions_note: Text describing the metric conventions.
+        html: Also write ``report.html``.
         overwrite: Replace existing report files instead of raising.
 
     Returns:
-        The summary as written to ``summary.json`` (undefined values, NaN, become ``None``).
+        The summary as written to ``summary.json`` (NaN and infinities become ``None``).
 
     Raises:
         OutputExistsError: A report file exists and ``overwrite`` is false (nothing is written).
-        GeometryError: An overlay's volumes are not on one grid.
     """
     out_dir = Path(out_dir)
-    overlay_files = _overlay_files(overlays)
-    targets = [out_dir / name for name in ("metrics.csv", "summary.json", "report.md")]
-    targets += [out_dir / rel for rel in overlay_files]
+    overlay_files = [f"{OVERLAY_DIR}/{overlay_name(o.case)}" for o in overlays]
+    if len(set(overlay_files)) != len(overlay_files):
+        raise ValueError(f"overlay case ids map to duplicate file names: {overlay_files}")
+    names = [n for n in REPORT_FILES if html or n != "report.html"]
+    targets = [out_dir / n for n in names] + [out_dir / rel for rel in overlay_files]
     if not overwrite:
         for target in targets:
             if target.exists():
@@ -78,48 +124,47 @@ def write_report(
     summary = aggregate(rows)
     summary.update(
         label_names={str(k): v for k, v in sorted(label_names.items()) if k != 0},
+        region_definitions={k: list(v) for k, v in (regions or {}).items()},
         cases=sorted({str(r["case"]) for r in rows}),
+        options=dict(options or {}),
         conventions=conventions_note,
+        problems=[dict(p) for p in problems],
         warnings=list(warnings),
-        files={"metrics": "metrics.csv", "summary": "summary.json", "report": "report.md"},
-        overlays=[],
+        files={"metrics": "metrics.csv", "lesions": "lesions.csv", "summary": "summary.json", "report": "report.md"},
+        overlays=[
+            {"case": o.case, "file": rel, "focus_lps_mm": list(o.focus_lps_mm)}
+            for o, rel in zip(overlays, overlay_files, strict=True)
+        ],
     )
+    if html:
+        summary["files"]["html"] = "report.html"
     summary.update(extra or {})
+    summary = json_safe(summary)
     with _cleanup_on_error(out_dir) as written:
-        for (case_id, image, ref, pred), rel in zip(overlays, overlay_files, strict=True):
-            dice = {int(r["label"]): float(r["dice"]) for r in rows if str(r["case"]) == case_id}
-            position = render_overlay(
-                out_dir / rel,
-                case_id=case_id,
-                image=image,
-                ref=ref,
-                pred=pred,
-                label_names=label_names,
-                dice=dice,
-                overwrite=overwrite,
-            )
+        for overlay, rel in zip(overlays, overlay_files, strict=True):
+            with atomic_path(out_dir / rel, overwrite=overwrite) as tmp:
+                tmp.write_bytes(overlay.png)
             written.append(out_dir / rel)
-            summary["overlays"].append({"case": case_id, "file": rel, "slice_z_mm": position})
-        summary = _json_safe(summary)
-        written.append(_write_csv(rows, out_dir / "metrics.csv", overwrite=overwrite))
+        written.append(_write_csv(rows, ROW_COLUMNS, out_dir / "metrics.csv", overwrite=overwrite))
+        written.append(_write_csv(list(lesion_rows), LESION_CSV_COLUMNS, out_dir / "lesions.csv", overwrite=overwrite))
         written.append(write_json_atomic(out_dir / "summary.json", summary, overwrite=overwrite))
         written.append(_write_markdown(rows, summary, out_dir / "report.md", overwrite=overwrite))
+        if html:
+            structures = [
+                (kind, name)
+                for kind, group in (("class", "classes"), ("region", "regions"))
+                for name, entry in summary[group].items()
+                if entry["n_empty_both"] < entry["n_cases"]
+            ]
+            plots = metric_plots_png(rows, structures=structures) if structures else None
+            page = render_html(summary, rows, plots_png=plots, overlays=[(o.case, o.png, o.caption) for o in overlays])
+            with atomic_path(out_dir / "report.html", overwrite=overwrite) as tmp:
+                tmp.write_text(page, encoding="utf-8")
+            written.append(out_dir / "report.html")
     return summary
 
 
 # ------------------------------------------------------------------ helpers
-def overlay_name(case_id: str) -> str:
-    """File name of a case's overlay (characters unsafe in file names become ``_``)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", case_id) + ".png"
-
-
-def _overlay_files(overlays: Sequence[Overlay]) -> list[str]:
-    files = [f"{OVERLAY_DIR}/{overlay_name(case_id)}" for case_id, *_ in overlays]
-    if len(set(files)) != len(files):
-        raise ValueError(f"overlay case ids map to duplicate file names: {files}")
-    return files
-
-
 @contextlib.contextmanager
 def _cleanup_on_error(out_dir: Path) -> Iterator[list[Path]]:
     """Yield a list to record written files; on error remove them (and new empty folders)."""
@@ -137,12 +182,12 @@ def _cleanup_on_error(out_dir: Path) -> Iterator[list[Path]]:
         raise
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Recursively convert numpy scalars to Python and NaN/inf floats to ``None``."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -152,34 +197,56 @@ def _json_safe(value: Any) -> Any:
 
 def _csv_value(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
-        return repr(float(value))  # full precision; NaN -> "nan" (float() reads it back)
+        return repr(float(value))  # full precision; NaN -> "nan", inf -> "inf" (float() reads both back)
     return str(value)
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path, *, overwrite: bool) -> Path:
-    """``metrics.csv``: header :data:`ROW_COLUMNS`, rows sorted by case then label."""
-    ordered = sorted(rows, key=lambda r: (str(r["case"]), int(r["label"])))
+def _sort_key(row: Mapping[str, Any]) -> tuple[str, int, int, str]:
+    kind = 0 if row.get("kind", "class") == "class" else 1
+    label = row["label"]
+    number = int(label) if isinstance(label, (int, np.integer)) else 0
+    return (str(row["case"]), kind, number, str(row["name"]))
+
+
+def _write_csv(rows: list[dict[str, Any]], columns: Sequence[str], path: Path, *, overwrite: bool) -> Path:
+    """CSV with header ``columns``; rows sorted by case, then classes (by label) before regions."""
+    ordered = sorted(rows, key=_sort_key)  # stable: lesion order within a structure is kept
     with atomic_path(path, overwrite=overwrite) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(ROW_COLUMNS)
+        writer.writerow(columns)
         for row in ordered:
-            writer.writerow([_csv_value(row[column]) for column in ROW_COLUMNS])
+            writer.writerow([_csv_value(row[column]) for column in columns])
     return path
 
 
 # ----------------------------------------------------------------- markdown
 def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
     if isinstance(value, int):
         return str(value)
     return f"{float(value):.{digits}f}"
 
 
-def _pm(stats: dict[str, Any], digits: int = 3) -> str:
-    if stats["mean"] is None:
+def _all_infinite(stats: Mapping[str, Any] | None) -> bool:
+    return bool(stats) and not stats.get("n") and bool(stats.get("n_inf"))  # type: ignore[union-attr]
+
+
+def _median_iqr(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if _all_infinite(stats):
+        return f"inf ({stats['n_inf']}x)"  # type: ignore[index]
+    stats = stats or {}
+    return f"{_fmt(stats.get('median'), digits)} [{_fmt(stats.get('q1'), digits)}, {_fmt(stats.get('q3'), digits)}]"
+
+
+def _pm(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if _all_infinite(stats):
+        return f"inf ({stats['n_inf']}x)"  # type: ignore[index]
+    if not stats or stats.get("mean") is None:
         return "n/a"
-    if stats["std"] is None:
+    if stats.get("std") is None:
         return _fmt(stats["mean"], digits)
     return f"{_fmt(stats['mean'], digits)} ± {_fmt(stats['std'], digits)}"
 
@@ -194,88 +261,104 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
-def _class_table(summary: dict[str, Any]) -> list[str]:
+def _structure_table(summary: Mapping[str, Any]) -> list[str]:
     header = [
-        "Class",
+        "Structure",
         "Label",
         "Cases",
         "Dice mean ± std",
         "Dice median [Q1, Q3]",
-        "IoU mean ± std",
-        "Precision mean ± std",
-        "Recall mean ± std",
+        "HD95 (mm) median [Q1, Q3]",
+        "ASSD (mm) mean ± std",
+        "NSD mean ± std",
         "Volume diff (mL) mean ± std",
+        "Lesion sens. / prec. / F1 (pooled)",
         "Both empty",
     ]
     lines = []
-    for name, entry in summary["classes"].items():
-        dice = entry["dice"]
+    absent = []
+    for group in ("classes", "regions"):
+        for name, entry in summary[group].items():
+            if entry["n_empty_both"] == entry["n_cases"]:
+                absent.append(name)
+                continue
+            dice, hd95 = entry["dice"], entry.get("hd95_mm") or {}
+            lesions = entry.get("lesions") or {}
+            lines.append(
+                [
+                    name + (" (region)" if group == "regions" else ""),
+                    str(entry["label"]),
+                    f"{entry['n_cases']} ({dice['n']} scored)",
+                    _pm(dice),
+                    f"{_fmt(dice['median'])} [{_fmt(dice['q1'])}, {_fmt(dice['q3'])}]",
+                    _median_iqr(hd95, 2),
+                    _pm(entry.get("assd_mm"), 2),
+                    _pm(entry.get("nsd")),
+                    _pm(entry.get("volume_diff_ml"), 2),
+                    " / ".join(_fmt(lesions.get(k)) for k in ("sensitivity", "precision", "f1")) if lesions else "n/a",
+                    str(entry["n_empty_both"]),
+                ]
+            )
+    note = ["", f"Absent from every reference and prediction (not shown): {', '.join(absent)}."] if absent else []
+    return _table(header, lines) + note
+
+
+def _case_table(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["Case", "Structure", "Dice", "HD95 (mm)", "ASSD (mm)", "NSD", "Ref (mL)", "Pred (mL)", "Lesions TP/FN/FP"]
+    lines = []
+    for r in sorted(rows, key=_sort_key):
+        if not (r["ref_voxels"] or r["pred_voxels"]):
+            continue  # empty in both: in metrics.csv only
+        lesions = "/".join(_fmt(r.get(k), 0) for k in ("lesion_tp", "lesion_fn", "lesion_fp"))
         lines.append(
             [
-                name,
-                str(entry["label"]),
-                f"{entry['n_cases']} ({dice['n']} scored)",
-                _pm(dice),
-                f"{_fmt(dice['median'])} [{_fmt(dice['q1'])}, {_fmt(dice['q3'])}]",
-                _pm(entry["iou"]),
-                _pm(entry["precision"]),
-                _pm(entry["recall"]),
-                _pm(entry["volume_diff_ml"], 2),
-                str(entry["n_empty_both"]),
+                str(r["case"]),
+                str(r["name"]) + (" (region)" if r.get("kind") == "region" else ""),
+                _fmt(r["dice"]),
+                _fmt(r["hd95_mm"], 2),
+                _fmt(r["assd_mm"], 2),
+                _fmt(r["nsd"]),
+                _fmt(r["ref_volume_ml"], 2),
+                _fmt(r["pred_volume_ml"], 2),
+                lesions,
             ]
         )
     return _table(header, lines)
 
 
-def _case_table(rows: list[dict[str, Any]]) -> list[str]:
-    header = ["Case", "Class", "Dice", "IoU", "Precision", "Recall", "Ref (mL)", "Pred (mL)", "Diff (mL)"]
-    lines = [
-        [
-            str(r["case"]),
-            str(r["name"]),
-            _fmt(r["dice"]),
-            _fmt(r["iou"]),
-            _fmt(r["precision"]),
-            _fmt(r["recall"]),
-            _fmt(r["ref_volume_ml"], 2),
-            _fmt(r["pred_volume_ml"], 2),
-            _fmt(r["volume_diff_ml"], 2),
-        ]
-        for r in sorted(rows, key=lambda r: (str(r["case"]), int(r["label"])))
-    ]
-    return _table(header, lines)
-
-
-def _markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    n_classes = len(summary["classes"])
+def _markdown(rows: list[dict[str, Any]], summary: Mapping[str, Any]) -> str:
+    options = summary.get("options") or {}
     parts = [
         "# Segmentation evaluation",
         "",
-        f"{summary['n_cases']} case(s), {n_classes} foreground class(es). "
+        f"{summary['n_cases']} case(s), {len(summary['classes'])} class(es), {len(summary['regions'])} region(s). "
         f"Mean foreground Dice (mean over classes of the per-class mean): **{_fmt(summary['mean_foreground_dice'])}**.",
         "",
-        "Files: [metrics.csv](metrics.csv) (one row per case and class), [summary.json](summary.json).",
-        "",
-        "## Per class",
-        "",
-        *_class_table(summary),
-        "",
-        "## Per case",
-        "",
-        *_case_table(rows),
-        "",
-        "## Conventions",
-        "",
-        summary["conventions"],
+        "Files: [report.html](report.html), [metrics.csv](metrics.csv) (one row per case and structure), "
+        "[lesions.csv](lesions.csv) (one row per lesion), [summary.json](summary.json).",
         "",
     ]
-    if summary["warnings"]:
-        parts += ["## Warnings", "", *(f"- {_cell(w)}" for w in summary["warnings"]), ""]
-    if summary["overlays"]:
+    if options:
         parts += [
-            "## Overlays",
+            f"NSD tolerance {options.get('tolerance_mm')} mm; lesion connectivity {options.get('connectivity')}; "
+            f"lesion match IoU > {options.get('match_iou')}.",
             "",
-            "Axial slice with the most reference foreground; reference contours solid, prediction contours dashed.",
+        ]
+    if summary.get("problems"):
+        parts += ["## Problems", ""]
+        for p in summary["problems"]:
+            case = f"**{_cell(p['case'])}**: " if p.get("case") else ""
+            parts.append(f"- {case}[{p['kind']}] {_cell(p['message'])}")
+        parts.append("")
+    parts += ["## Per structure", "", *_structure_table(summary), "", "## Per case", "", *_case_table(rows), ""]
+    parts += ["## Conventions", "", str(summary["conventions"]), ""]
+    if summary.get("warnings"):
+        parts += ["## Notes", "", *(f"- {_cell(w)}" for w in summary["warnings"]), ""]
+    if summary.get("overlays"):
+        parts += [
+            "## Worst cases",
+            "",
+            "Three orthogonal slices through the largest error; reference contours solid, prediction dashed.",
             "",
         ]
         for item in summary["overlays"]:
@@ -284,141 +367,7 @@ def _markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _write_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, *, overwrite: bool) -> Path:
+def _write_markdown(rows: list[dict[str, Any]], summary: Mapping[str, Any], path: Path, *, overwrite: bool) -> Path:
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(_markdown(rows, summary), encoding="utf-8")
     return path
-
-
-# ----------------------------------------------------------------- overlays
-def best_slice(ref: np.ndarray, pred: np.ndarray | None = None) -> int:
-    """Index along the third axis of ``(X, Y, Z)`` label arrays with the most foreground.
-
-    The reference decides; if it is empty, the prediction; if both are, the middle slice.
-    """
-    for labels in (ref, pred):
-        if labels is None:
-            continue
-        per_slice = np.count_nonzero(labels, axis=(0, 1))
-        if per_slice.any():
-            return int(np.argmax(per_slice))
-    return ref.shape[2] // 2
-
-
-def _display_flips(geometry: Geometry) -> tuple[bool, bool]:
-    """Flips of voxel axes 0 and 1 giving the radiological view (patient right on the left, anterior up)."""
-    direction = geometry.direction_ras
-    flip_x = flip_y = False
-    if int(np.argmax(np.abs(direction[:, 0]))) == 0:
-        flip_x = bool(direction[0, 0] > 0)  # axis 0 runs towards the patient's right
-    if int(np.argmax(np.abs(direction[:, 1]))) == 1:
-        flip_y = bool(direction[1, 1] > 0)  # axis 1 runs towards anterior: put it at the top
-    return flip_x, flip_y
-
-
-def _screen(plane: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
-    """``(X, Y)`` plane -> ``(rows, cols)`` image for ``imshow(origin="upper")``."""
-    if flips[0]:
-        plane = plane[::-1, :]
-    if flips[1]:
-        plane = plane[:, ::-1]
-    return np.ascontiguousarray(plane.T)
-
-
-def _window(image: Volume) -> tuple[float, float]:
-    lo, hi = (float(v) for v in np.percentile(image.array[0], [1.0, 99.0]))
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-
-def render_overlay(
-    path: Path,
-    *,
-    case_id: str,
-    image: Volume | None,
-    ref: Volume,
-    pred: Volume,
-    label_names: dict[int, str],
-    dice: dict[int, float] | None = None,
-    overwrite: bool = False,
-) -> float:
-    """Write a PNG of the axial slice with most reference foreground, with contours.
-
-    The image (if any, first channel, windowed to its 1st-99th percentiles) is shown in
-    gray in radiological orientation; each class has its own colours, reference contours
-    solid and prediction contours dashed.
-
-    Args:
-        path: Output PNG.
-        case_id: Case named in the title.
-        image: Image volume ``(C, X, Y, Z)`` on the reference grid, or ``None``.
-        ref: Reference labels ``(1, X, Y, Z)``.
-        pred: Predicted labels ``(1, X, Y, Z)`` on the same grid.
-        label_names: ``{label value: class name}``; 0 is skipped.
-        dice: ``{label value: Dice}`` of this case, shown in the title.
-        overwrite: Replace an existing file.
-
-    Returns:
-        Superior coordinate (RAS/LPS z, mm) of the centre of the shown slice.
-
-    Raises:
-        GeometryError: The volumes are not on one grid.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    geometry = ref.geometry
-    geometry.require_same(pred.geometry, what=f"overlay prediction and reference for case {case_id}")
-    if image is not None:
-        geometry.require_same(image.geometry, what=f"overlay image and reference for case {case_id}")
-    k = best_slice(ref.array[0], pred.array[0])
-    flips = _display_flips(geometry)
-    sx, sy, _ = geometry.spacing
-    labels = sorted(v for v in label_names if v != 0)
-
-    fig = Figure(figsize=(7.0, 7.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if image is not None:
-        lo, hi = _window(image)
-        ax.imshow(_screen(image.array[0, :, :, k], flips), cmap="gray", vmin=lo, vmax=hi, aspect=sy / sx)
-    else:
-        ax.imshow(np.zeros(geometry.shape[1::-1]), cmap="gray", vmin=0.0, vmax=1.0, aspect=sy / sx)
-    cmap = _class_colours()
-    handles = []
-    for i, value in enumerate(labels):
-        ref_colour, pred_colour = cmap((2 * i) % 20), cmap((2 * i + 1) % 20)
-        for volume, colour, style in ((ref, ref_colour, "solid"), (pred, pred_colour, "dashed")):
-            mask = _screen(volume.array[0, :, :, k] == value, flips)
-            if mask.any() and not mask.all():
-                ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.4, linestyles=style)
-        name = label_names[value]
-        handles.append(Line2D([], [], color=ref_colour, linestyle="solid", label=f"{name} reference"))
-        handles.append(Line2D([], [], color=pred_colour, linestyle="dashed", label=f"{name} prediction"))
-    n_cols, n_rows = geometry.shape[0], geometry.shape[1]
-    ax.set_xlim(-0.5, n_cols - 0.5)
-    ax.set_ylim(n_rows - 0.5, -0.5)
-    z_mm = float((geometry.affine @ np.array([0.0, 0.0, float(k), 1.0]))[2])
-    ax.set_title(_overlay_title(case_id, labels, label_names, dice or {}, z_mm), fontsize=10)
-    ax.set_axis_off()
-    if handles:
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout()
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png")
-    return z_mm
-
-
-def _class_colours() -> Any:
-    from matplotlib import colormaps
-
-    return colormaps["tab20"]
-
-
-def _overlay_title(
-    case_id: str, labels: list[int], label_names: dict[int, str], dice: dict[int, float], z_mm: float
-) -> str:
-    scores = [f"{label_names[v]} Dice {_fmt(dice.get(v, math.nan))}" for v in labels]
-    lines = [f"{case_id} — axial slice at S {z_mm:.1f} mm"]
-    lines += [", ".join(scores[i : i + 3]) for i in range(0, len(scores), 3)]
-    return "\n".join(lines)

@@ -1,114 +1,216 @@
 """Sliding-window prediction over a model directory, with outputs on the input grid.
 
 The input is preprocessed exactly as in training (orientation, spacing, normalisation
-from the plan), the network runs window by window with Gaussian blending
-(:func:`monai.inferers.sliding_window_inference`) and optional mirroring, and the class
-probabilities are resampled from the network grid back onto the input's own grid
-before the argmax, so the label volume has the input's shape, spacing, origin and
-direction exactly (the geometry is copied from the input, not recomputed).
+from the plan) and cropped to the body's box; the networks (one model, or several
+folds/models ensembled) run window by window with Gaussian blending, optional mirroring
+and bf16 autocast on CPUs that have it (:mod:`medseg.infer.sliding_window`).  Blended
+logits stream out slab by slab; they are either reduced to labels on the fly (when the
+input grid is the network grid up to flips/permutations) or kept in float16 and
+resampled onto the input grid chunk by chunk (:mod:`medseg.infer.resample`).  The label
+volume has the input's shape, spacing, origin and direction exactly (the geometry is
+copied from the input, not recomputed).
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
-from monai.transforms import SpatialResample
 
 from medseg.config import InferConfig
-from medseg.data.transforms import preprocess_transforms, stack_channels
-from medseg.errors import ModelError, reraise_medseg
+from medseg.data.plan import Plan
+from medseg.data.transforms import stack_channels
+from medseg.errors import ConfigError, ModelError, reraise_medseg
+from medseg.infer.crop import body_box, box_on_grid
+from medseg.infer.postprocess import PostprocessOptions, postprocess_labels
+from medseg.infer.preprocess import inference_preprocess
+from medseg.infer.resample import index_map, resample_to_grid
+from medseg.infer.sliding_window import (
+    WindowPredictor,
+    choose_stitch_device,
+    choose_stream_axis,
+    iter_logit_slabs,
+    mirror_combinations,
+    slab_buffer_bytes,
+    sliding_window_predict,
+)
 from medseg.io import Volume, label_dtype, load_volume
-from medseg.models.device import autocast, resolve_device, resolve_precision
+from medseg.models.device import resolve_device, resolve_precision, use_channels_last
 from medseg.models.package import LoadedModel, load_model
 from medseg.types import PathLike
 
-__all__ = ["Predictor", "mirror_combinations"]
+__all__ = ["CasePrediction", "Predictor", "ProbabilityDtype", "mirror_combinations"]
+
+log = logging.getLogger(__name__)
+
+#: How probabilities are stored: ``uint8``/``uint16`` scaled to the dtype's maximum, or ``float32``.
+ProbabilityDtype = Literal["uint8", "uint16", "float32"]
+
+#: Plan fields that must agree between ensembled models.
+_SHARED_PLAN_FIELDS = ("channels", "labels", "target_spacing", "orientation", "patch_size")
 
 
-def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
-    """All subsets of the spatial ``axes`` (the empty one first), as flip dims of a 5D tensor."""
-    dims = [a + 2 for a in axes]
-    return [combo for r in range(len(dims) + 1) for combo in itertools.combinations(dims, r)]
+@dataclass
+class CasePrediction:
+    """Everything predicted for one case.
+
+    Attributes:
+        labels: ``(1, X, Y, Z)`` label volume on the input grid.
+        probabilities: ``(K, X, Y, Z)`` class probabilities on the input grid (``uint8`` /
+            ``uint16`` scaled so that the dtype maximum is 1, or ``float32``), if asked for.
+        timings: Seconds per stage (``preprocess_s``, ``network_s``, ``forward_s``,
+            ``resample_s``, ``postprocess_s``) and ``windows``.
+    """
+
+    labels: Volume
+    probabilities: Volume | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _load(model: PathLike | LoadedModel) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def _check_compatible(models: Sequence[LoadedModel]) -> None:
+    first = models[0]
+    for other in models[1:]:
+        for name in _SHARED_PLAN_FIELDS:
+            if getattr(first.plan, name) != getattr(other.plan, name):
+                raise ModelError(
+                    f"{other.path}: cannot ensemble with {first.path}: plans differ in {name} "
+                    f"({getattr(other.plan, name)!r} vs {getattr(first.plan, name)!r})"
+                )
+
+
+def postprocess_options(infer: InferConfig) -> PostprocessOptions:
+    """The post-processing switched on in ``infer``."""
+    return PostprocessOptions(
+        min_component_mm3=infer.min_component_mm3,
+        keep_largest_component=infer.keep_largest_component,
+        fill_holes=infer.fill_holes,
+    )
 
 
 class Predictor:
-    """Predict label volumes with a trained model directory.
+    """Predict label volumes with a trained model directory (or an ensemble of them).
 
     Args:
-        model: A model directory or an already loaded model.
-        infer: Inference settings; defaults to the model's own ``config.infer``.
+        model: A model directory, a loaded model, or a sequence of them (ensembled by
+            averaging logits; their plans must agree).
+        infer: Inference settings; defaults to the (first) model's own ``config.infer``.
         progress: Show a progress bar over windows.
+
+    Raises:
+        ModelError: A model directory is incomplete or the models cannot be ensembled.
+        ConfigError: The device or precision asked for is not available.
     """
 
-    def __init__(self, model: PathLike | LoadedModel, *, infer: InferConfig | None = None, progress: bool = False):
-        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+    def __init__(
+        self,
+        model: PathLike | LoadedModel | Sequence[PathLike | LoadedModel],
+        *,
+        infer: InferConfig | None = None,
+        progress: bool = False,
+    ):
+        items: list[PathLike | LoadedModel] = list(model) if isinstance(model, (list, tuple)) else [model]  # type: ignore[list-item]
+        if not items:
+            raise ModelError("no model given")
+        self.models = [_load(m) for m in items]
+        _check_compatible(self.models)
+        self.model = self.models[0]
         self.infer = infer or self.model.config.infer
-        self.device = resolve_device(self.infer.device)
-        self.dtype = resolve_precision(self.infer.precision, self.device)
+        try:
+            self.device = resolve_device(self.infer.device)
+            self.dtype = resolve_precision(self.infer.precision, self.device)
+        except ValueError as exc:
+            raise ConfigError(f"infer settings: {exc}") from exc
+        if self.infer.threads:
+            torch.set_num_threads(self.infer.threads)
         self.progress = progress
-        self.network = self.model.network.to(self.device).eval()
-        # Channels-last 3D speeds up fp32 convolutions on CPU; bf16 kernels prefer the default layout.
-        self.channels_last = self.device.type == "cpu" and self.dtype is None
-        if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        self._preprocess = preprocess_transforms(self.model.plan, with_label=False)
+        self.channels_last = use_channels_last(self.device, self.dtype)
+        self.windows = WindowPredictor(
+            [m.network for m in self.models],
+            device=self.device,
+            autocast_dtype=self.dtype,
+            mirror_axes=self.infer.mirror_axes,
+            channels_last=self.channels_last,
+            batch_size=self.infer.sw_batch_size,
+        )
+        self.network = self.model.network
+        self.postprocess = postprocess_options(self.infer)
+        self._preprocess = inference_preprocess(self.model.plan)
         self.last_timings: dict[str, float] = {}
+
+    @property
+    def plan(self) -> Plan:
+        """The (shared) plan of the model(s)."""
+        return self.model.plan
 
     @property
     def label_names(self) -> dict[int, str]:
         """``{value: name}`` of the model's classes."""
         return dict(self.model.plan.labels)
 
-    def _forward(self, windows: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            windows = windows.contiguous(memory_format=torch.channels_last_3d)
-        with autocast(self.device, self.dtype):
-            return self.network(windows).float()
+    def _stitch_device(self, size: Sequence[int]) -> torch.device:
+        roi = self.plan.patch_size
+        axis = choose_stream_axis([max(s, r) for s, r in zip(size, roi, strict=True)], roi)
+        need = slab_buffer_bytes(size, roi, self.plan.num_classes, axis)
+        return choose_stitch_device(self.windows.device, buffer_bytes=need)
 
-    @torch.inference_mode()
+    def _slabs(self, image: torch.Tensor) -> Any:
+        return iter_logit_slabs(
+            image,
+            self.windows,
+            roi_size=self.plan.patch_size,
+            overlap=self.infer.overlap,
+            mode=self.infer.blend,
+            sw_batch_size=self.infer.sw_batch_size,
+            stitch_device=self._stitch_device(image.shape[1:]),
+            progress=self.progress,
+        )
+
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits on the network grid.
+        """Logits on the network grid (no cropping).
 
         Args:
             image: ``(B, C, X, Y, Z)`` preprocessed input.
 
         Returns:
-            ``(B, K, X, Y, Z)`` float32 logits on the same grid (CPU), averaged over mirrorings.
+            ``(B, K, X, Y, Z)`` float32 logits on the same grid (CPU), averaged over mirrorings
+            and ensembled models.
         """
-        image = torch.as_tensor(image).to(self.device)
-        total: torch.Tensor | None = None
-        combos = mirror_combinations(self.infer.mirror_axes)
-        for flip in combos:
-            x = torch.flip(image, flip) if flip else image
-            out = sliding_window_inference(
-                x,
-                roi_size=self.model.plan.patch_size,
-                sw_batch_size=self.infer.sw_batch_size,
-                predictor=self._forward,
-                overlap=self.infer.overlap,
-                mode=self.infer.blend,
-                progress=self.progress,
-            )
-            out = torch.as_tensor(out)
-            out = torch.flip(out, flip) if flip else out
-            total = out if total is None else total + out
-        assert total is not None
-        mean = (total / len(combos)).float().cpu()
-        return mean.as_tensor() if isinstance(mean, MetaTensor) else mean
+        plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        return sliding_window_predict(
+            plain,
+            self.windows,
+            roi_size=self.plan.patch_size,
+            overlap=self.infer.overlap,
+            mode=self.infer.blend,
+            sw_batch_size=self.infer.sw_batch_size,
+            stitch_device=self._stitch_device(plain.shape[2:]),
+            progress=self.progress,
+        )
 
     def preprocess(self, channels: Volume | Sequence[Volume]) -> MetaTensor:
         """Channels on one grid -> ``(C, X', Y', Z')`` MetaTensor on the plan's grid."""
         items = [channels] if isinstance(channels, Volume) else list(channels)
         with reraise_medseg():
             return self._preprocess({"image": items})["image"]
+
+    def _check_channels(self, source: Volume) -> None:
+        expected = len(self.plan.channels)
+        if source.channels != expected:
+            raise ModelError(
+                f"{source.source}: model expects {expected} channel(s) "
+                f"({', '.join(c.name for c in self.plan.channels)}), got {source.channels}"
+            )
 
     def predict(self, channels: Volume | Sequence[Volume]) -> Volume:
         """Segment one case.
@@ -120,29 +222,97 @@ class Predictor:
             A label :class:`Volume` ``(1, X, Y, Z)`` with exactly the input's geometry and the
             model's label names in ``meta["label_names"]``.
         """
+        return self.predict_case(channels).labels
+
+    def predict_case(
+        self, channels: Volume | Sequence[Volume], *, probabilities: ProbabilityDtype | None = None
+    ) -> CasePrediction:
+        """Segment one case, optionally with class probabilities on the input grid.
+
+        Args:
+            channels: One volume per model input channel (or one multi-channel volume), on one grid.
+            probabilities: Also return probabilities stored as this dtype (``uint8``/``uint16``
+                scaled so that the dtype maximum means 1, or ``float32``).
+
+        Raises:
+            ModelError: The number of channels does not match the model (names the file).
+        """
         items = [channels] if isinstance(channels, Volume) else list(channels)
         source = stack_channels(items)
-        expected = len(self.model.plan.channels)
-        if source.channels != expected:
-            raise ModelError(
-                f"{source.source}: model expects {expected} channel(s) "
-                f"({', '.join(c.name for c in self.model.plan.channels)}), got {source.channels}"
-            )
+        self._check_channels(source)
+        geometry, name = source.geometry, source.source
         t0 = time.perf_counter()
+        box = body_box(source, self.plan) if self.infer.crop_to_body else None
+        full = (np.zeros(3, dtype=np.int64), np.array(geometry.shape))
         image = self.preprocess(source)
+        del source, items
+        net_affine = torch.as_tensor(image.affine).detach().cpu().numpy().astype(np.float64)
+        net_shape = (int(image.shape[1]), int(image.shape[2]), int(image.shape[3]))
+        plain = image.as_tensor()
+        del image
         t1 = time.perf_counter()
-        logits = self.predict_logits(image[None])[0]
-        t2 = time.perf_counter()
-        labels = self._to_input_grid(logits, image.affine, source)
+        forward_before, windows_before = self.windows.seconds, self.windows.calls
+        if self.infer.crop_to_body and box is None:
+            crop = None  # no body at all: nothing to run
+        else:
+            crop = box_on_grid(
+                box or full,
+                source_affine=geometry.affine,
+                grid_affine=net_affine,
+                grid_shape=net_shape,
+                min_size=self.plan.patch_size,
+            )
+        k = self.plan.num_classes
+        mapping = index_map(geometry, net_affine) if probabilities is None else None
+        probs: np.ndarray | None = None
+        if crop is None:
+            t2 = time.perf_counter()
+            labels = np.zeros(geometry.shape, dtype=label_dtype(k - 1))
+            if probabilities is not None:
+                probs = _background_probabilities(k, geometry.shape, probabilities)
+        elif mapping is not None:
+            net_labels = np.zeros(net_shape, dtype=label_dtype(k - 1))
+            for slab in self._slabs(plain[(slice(None), crop[0], crop[1], crop[2])]):
+                region = list(crop)
+                region[slab.axis] = slice(crop[slab.axis].start + slab.start, crop[slab.axis].start + slab.stop)
+                net_labels[tuple(region)] = torch.argmax(slab.logits, dim=0).cpu().numpy()
+            del plain
+            t2 = time.perf_counter()
+            labels = mapping.apply(net_labels, geometry.shape)
+        else:
+            store_dtype = torch.float16 if self.infer.logits_dtype == "float16" else torch.float32
+            store = torch.empty((k, *(s.stop - s.start for s in crop)), dtype=store_dtype)
+            for slab in self._slabs(plain[(slice(None), crop[0], crop[1], crop[2])]):
+                logits = slab.logits.clamp_(-6e4, 6e4) if store_dtype == torch.float16 else slab.logits
+                store.narrow(slab.axis + 1, slab.start, slab.stop - slab.start).copy_(logits)
+            del plain
+            t2 = time.perf_counter()
+            labels, probs = resample_to_grid(
+                store,
+                net_affine=net_affine,
+                net_shape=net_shape,
+                target=geometry,
+                offset=(crop[0].start, crop[1].start, crop[2].start),
+                probabilities=probabilities,
+            )
+            del store
         t3 = time.perf_counter()
-        self.last_timings = {"preprocess_s": t1 - t0, "network_s": t2 - t1, "resample_s": t3 - t2}
-        return Volume(
-            array=labels[None],
-            geometry=source.geometry,
-            kind="label",
-            source=source.source,
-            meta={"label_names": self.label_names},
-        )
+        labels = postprocess_labels(labels, spacing=geometry.spacing, options=self.postprocess)
+        t4 = time.perf_counter()
+        self.last_timings = {
+            "preprocess_s": round(t1 - t0, 4),
+            "network_s": round(t2 - t1, 4),
+            "forward_s": round(self.windows.seconds - forward_before, 4),
+            "windows": self.windows.calls - windows_before,
+            "resample_s": round(t3 - t2, 4),
+            "postprocess_s": round(t4 - t3, 4),
+        }
+        meta = {"label_names": self.label_names}
+        label_volume = Volume(array=labels[None], geometry=geometry, kind="label", source=name, meta=meta)
+        prob_volume = None
+        if probs is not None:
+            prob_volume = Volume(array=probs, geometry=geometry, kind="image", source=name, meta=dict(meta))
+        return CasePrediction(labels=label_volume, probabilities=prob_volume, timings=dict(self.last_timings))
 
     @staticmethod
     def _to_input_grid(logits: torch.Tensor, network_affine: torch.Tensor, source: Volume) -> np.ndarray:
@@ -156,16 +326,11 @@ class Predictor:
         Returns:
             ``(X, Y, Z)`` labels with the smallest sufficient unsigned dtype.
         """
-        plain = logits.as_tensor() if isinstance(logits, MetaTensor) else logits
-        probs = MetaTensor(torch.softmax(plain, dim=0), affine=torch.as_tensor(network_affine, dtype=torch.float64))
-        resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)  # type: ignore[arg-type]
-        resampled = resample(
-            probs,
-            dst_affine=torch.tensor(np.array(source.geometry.affine), dtype=torch.float64),
-            spatial_size=source.geometry.shape,
-        )
-        labels = torch.argmax(torch.as_tensor(resampled), dim=0).numpy()
-        return labels.astype(label_dtype(int(logits.shape[0]) - 1))
+        plain = logits.as_tensor() if isinstance(logits, MetaTensor) else torch.as_tensor(logits)
+        affine = np.asarray(torch.as_tensor(network_affine, dtype=torch.float64).cpu().numpy())
+        shape = (int(plain.shape[1]), int(plain.shape[2]), int(plain.shape[3]))
+        labels, _ = resample_to_grid(plain, net_affine=affine, net_shape=shape, target=source.geometry)
+        return labels
 
     def predict_paths(self, inputs: Sequence[PathLike]) -> Volume:
         """Load channel files (or one DICOM folder) and predict."""
@@ -173,9 +338,20 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """Settings used, for the YAML written beside predictions."""
+        paths = [str(Path(m.path).resolve()) for m in self.models]
         return {
-            "model": str(Path(self.model.path).resolve()),
+            "model": paths[0] if len(paths) == 1 else paths,
             "device": str(self.device),
             "precision": str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
+            "channels_last": self.channels_last,
+            "threads": torch.get_num_threads(),
             "infer": self.infer.model_dump(mode="json"),
         }
+
+
+def _background_probabilities(k: int, shape: tuple[int, int, int], dtype: ProbabilityDtype) -> np.ndarray:
+    """``(K, X, Y, Z)`` probabilities of an all-background prediction."""
+    np_dtype = np.dtype(dtype)
+    out = np.zeros((k, *shape), dtype=np_dtype)
+    out[0] = np.iinfo(np_dtype).max if np_dtype.kind == "u" else 1.0
+    return out

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from medseg.config import dump_yaml
 from medseg.errors import InputError, MedsegError
-from medseg.infer.predictor import Predictor
+from medseg.infer.outputs import probability_path, write_probabilities
+from medseg.infer.predictor import Predictor, ProbabilityDtype
 from medseg.io import VOLUME_SUFFIXES, is_dicom_file, load_volume, split_suffix, write_volume
 from medseg.types import PathLike
 
@@ -83,12 +84,23 @@ def predict_to_folder(
     overwrite: bool = False,
     suffix: str = ".nii.gz",
     progress: bool = True,
+    probabilities: ProbabilityDtype | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every case and write ``<case><suffix>`` label volumes on the input grids.
 
     Also writes ``prediction.yaml`` (model, settings, per-case status and timings) in
     ``out_dir``.  A failing case is recorded (``status: failed`` with its error) and the
-    run continues.
+    run continues; none of its outputs is left behind.
+
+    Args:
+        predictor: The predictor (model(s) and settings).
+        inputs: Files, folders of files, or DICOM series folders.
+        out_dir: Output folder.
+        overwrite: Replace existing outputs.
+        suffix: Label file format (``.nii.gz``, ``.nrrd``, ``.mha`` ...).
+        progress: Progress bar over cases.
+        probabilities: Also write ``<case>_probabilities.nii.gz`` (``K`` channels on the
+            input grid) as ``uint8``/``uint16`` (scaled by ``scl_slope``) or ``float32``.
 
     Returns:
         One record per case.
@@ -96,18 +108,42 @@ def predict_to_folder(
     out = Path(out_dir)
     cases = group_inputs(inputs, num_channels=len(predictor.model.plan.channels))
     records: list[dict[str, Any]] = []
-    for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
+    bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(case.case_id)
         target = out / f"{case.case_id}{suffix}"
+        prob_target = probability_path(target) if probabilities else None
         record: dict[str, Any] = {"case": case.case_id, "inputs": [str(s) for s in case.sources]}
+        written: list[Path] = []
         t0 = time.perf_counter()
         try:
-            if target.exists() and not overwrite:
-                raise MedsegError(f"{target}: output exists (pass --overwrite to replace it)")
-            label = predictor.predict([load_volume(s) for s in case.sources])
-            write_volume(label, target, overwrite=overwrite, label_names=predictor.label_names)
-            record.update(status="done", output=str(target), **predictor.last_timings)
-        except MedsegError as exc:
-            record.update(status="failed", error=str(exc))
+            for path in (target, prob_target):
+                if path is not None and path.exists() and not overwrite:
+                    raise MedsegError(f"{path}: output exists (pass --overwrite to replace it)")
+            t_read = time.perf_counter()
+            channels = [load_volume(s) for s in case.sources]
+            read_s = time.perf_counter() - t_read
+            result = predictor.predict_case(channels, probabilities=probabilities)
+            del channels
+            t_write = time.perf_counter()
+            if result.probabilities is not None and prob_target is not None:
+                written.append(write_probabilities(result.probabilities, prob_target, overwrite=overwrite))
+            written.append(write_volume(result.labels, target, overwrite=overwrite, label_names=predictor.label_names))
+            outputs = {"output": str(target)}
+            if prob_target is not None:
+                outputs["probabilities"] = str(prob_target)
+            record.update(
+                status="done",
+                **outputs,
+                read_s=round(read_s, 4),
+                **result.timings,
+                write_s=round(time.perf_counter() - t_write, 4),
+            )
+        except (MedsegError, MemoryError) as exc:
+            for path in written:
+                path.unlink(missing_ok=True)
+            reason = str(exc) if isinstance(exc, MedsegError) else f"{case.sources[0]}: out of memory ({exc})"
+            record.update(status="failed", error=reason)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         records.append(record)
     dump_yaml({**predictor.describe(), "cases": records}, out / "prediction.yaml", overwrite=True)

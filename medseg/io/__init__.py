@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from medseg.errors import InputError
-from medseg.io.dicom import DicomSeries, discover_series, is_dicom_file, read_dicom_series
+from medseg.io.dicom import (
+    DicomScan,
+    DicomSeries,
+    TiltPolicy,
+    discover_series,
+    is_dicom_file,
+    load_series,
+    read_dicom_series,
+    scan_dicom,
+)
+from medseg.io.grid import axis_mapping, reindex_to
 from medseg.io.images import (
     VOLUME_SUFFIXES,
     atomic_path,
@@ -19,28 +29,42 @@ from medseg.types import PathLike, VolumeKind
 
 __all__ = [
     "VOLUME_SUFFIXES",
+    "DicomScan",
     "DicomSeries",
     "Geometry",
     "Volume",
     "atomic_path",
+    "axis_mapping",
     "discover_series",
     "is_dicom_file",
     "label_dtype",
+    "load_series",
     "load_volume",
     "read_dicom_series",
     "read_image_file",
+    "reindex_to",
+    "scan_dicom",
     "split_suffix",
     "write_json_atomic",
     "write_volume",
 ]
 
 
-def load_volume(path: PathLike, *, kind: VolumeKind = "image") -> Volume:
+def load_volume(
+    path: PathLike,
+    *,
+    kind: VolumeKind = "image",
+    allow_4d: bool = True,
+    tilt: TiltPolicy = "error",
+) -> Volume:
     """Load a volume from a NIfTI/NRRD/MHA file, a DICOM file or a DICOM series folder.
 
     Args:
         path: File or folder.
-        kind: ``"image"`` or ``"label"``.
+        kind: ``"image"`` or ``"label"`` (labels are checked to be non-negative integers and
+            stored in the smallest unsigned dtype, for DICOM series too).
+        allow_4d: Accept a 4th axis of a NIfTI/ITK file as channels; ``False`` requires 3D.
+        tilt: Gantry-tilted DICOM series: ``"error"`` or ``"resample"`` (see :func:`read_dicom_series`).
 
     Returns:
         The :class:`Volume` (array ``(C, X, Y, Z)``, RAS affine).
@@ -51,11 +75,20 @@ def load_volume(path: PathLike, *, kind: VolumeKind = "image") -> Volume:
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or folder")
-    if p.is_dir():
-        return read_dicom_series(p)
     _, suffix = split_suffix(p)
-    if suffix in VOLUME_SUFFIXES:
-        return read_image_file(p, kind=kind)
-    if is_dicom_file(p):
-        return read_dicom_series(p)
-    raise InputError(p, f"not a supported volume (suffix {suffix or 'none'}; not DICOM)")
+    if p.is_file() and suffix in VOLUME_SUFFIXES:
+        return read_image_file(p, kind=kind, allow_4d=allow_4d)
+    if p.is_file() and not is_dicom_file(p):
+        raise InputError(p, f"not a supported volume (suffix {suffix or 'none'}; not DICOM)")
+    volume = read_dicom_series(p, tilt=tilt)
+    if kind == "label":
+        from medseg.io.images import _as_labels
+
+        volume = Volume(
+            array=_as_labels(p, volume.array),
+            geometry=volume.geometry,
+            kind="label",
+            source=volume.source,
+            meta=volume.meta,
+        )
+    return volume

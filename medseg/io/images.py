@@ -101,7 +101,29 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     return np.ascontiguousarray(array), Geometry(shape=data.shape[:3], affine=img.affine)
 
 
+def _detached_data_file(path: Path) -> Path | None:
+    """The data file a detached header (``.mhd`` ElementDataFile, ``.nhdr`` data file) names, if any."""
+    keys = {".mhd": ("elementdatafile",), ".nhdr": ("data file", "datafile")}.get(split_suffix(path)[1])
+    if keys is None:
+        return None
+    try:
+        with path.open("r", errors="replace") as fh:
+            for line in fh:
+                key, sep, value = line.partition("=" if split_suffix(path)[1] == ".mhd" else ":")
+                value = value.strip()
+                if sep and key.strip().lower() in keys and value and value.upper() not in ("LOCAL", "LIST"):
+                    if "%" in value or " " in value:  # file patterns / lists: let the reader resolve them
+                        return None
+                    return (path.parent / value) if not Path(value).is_absolute() else Path(value)
+    except OSError:
+        return None
+    return None
+
+
 def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
+    data_file = _detached_data_file(path)
+    if data_file is not None and not data_file.is_file():
+        raise InputError(path, f"its data file {data_file.name} ({data_file}) does not exist")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

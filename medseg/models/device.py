@@ -12,20 +12,38 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["autocast", "cpu_supports_bf16", "resolve_device", "resolve_precision"]
+from medseg.errors import ConfigError
+
+__all__ = [
+    "DeviceUnavailableError",
+    "autocast",
+    "cpu_supports_bf16",
+    "resolve_device",
+    "resolve_precision",
+    "use_channels_last",
+]
+
+
+class DeviceUnavailableError(ConfigError, ValueError):
+    """A device or precision was asked for that this machine does not have."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` -> ``cuda`` if available else ``cpu``; otherwise the named device.
 
     Raises:
-        ValueError: A CUDA device was asked for but none is available.
+        DeviceUnavailableError: A CUDA device was asked for but none is available (a ``ValueError``).
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceUnavailableError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise DeviceUnavailableError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
     return device
 
 
@@ -48,10 +66,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16
     if precision == "fp16":
         if device.type != "cuda":
-            raise ValueError("fp16 autocast is only supported on CUDA; use bf16 or fp32 on CPU")
+            raise DeviceUnavailableError("fp16 autocast is only supported on CUDA; use bf16 or fp32 on CPU")
         return torch.float16
     if precision != "auto":
-        raise ValueError(f"unknown precision {precision!r}")
+        raise DeviceUnavailableError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
@@ -67,3 +85,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def use_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether 3D convolutions should run channels-last on ``device`` with autocast ``dtype``.
+
+    Measured on the project machine (``benchmarks/bench_inference.py``): on CPU, fp32
+    oneDNN convolutions gain from channels-last 3D while bf16 ones prefer the default
+    layout; CUDA cuDNN kernels with AMP prefer channels-last.
+    """
+    if device.type == "cuda":
+        return dtype is not None
+    return device.type == "cpu" and dtype is None

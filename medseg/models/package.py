@@ -7,6 +7,9 @@ model/
   weights.pt     state dict only; loaded with ``torch.load(weights_only=True)``
   metrics.json   training/validation results the model was selected on
 ```
+
+A training run adds ``splits.json``, ``train_log.csv`` and ``checkpoints/{last,best}.pt``
+(full training state, see :mod:`medseg.train.checkpoint`); ``predict`` needs none of them.
 """
 
 from __future__ import annotations

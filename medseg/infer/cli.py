@@ -1,0 +1,138 @@
+"""``medseg predict``: segment files and DICOM folders with one model or an ensemble.
+
+Every inference setting of the model's ``config.infer`` can be overridden on the
+command line; the settings used are written to ``prediction.yaml`` beside the outputs
+together with per-case status and timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_predict_parser", "infer_overrides", "run_predict"]
+
+
+def _mirror_axes(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    try:
+        axes = tuple(int(a) for a in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated axes like 0,1,2 or 'none', got {text!r}") from None
+    if any(a not in (0, 1, 2) for a in axes):
+        raise argparse.ArgumentTypeError(f"mirror axes are 0, 1, 2, got {text!r}")
+    return axes
+
+
+def add_predict_parser(subparsers: Any) -> None:
+    """Register ``medseg predict`` on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "predict",
+        help="segment volumes / DICOM series with a model directory (or an ensemble)",
+        description=(
+            "Segment NIfTI/NRRD/MHA files (<case>_0000.nii.gz ... for multi-channel models), folders of them, "
+            "or DICOM series folders. Labels are written on each input's own grid; prediction.yaml records "
+            "settings, per-case status and timings. Unset options use the model's config.infer."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", help="files (<case>_0000.nii.gz ...), folders of them, or DICOM folders")
+    p.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="model directory; repeat to ensemble several folds/models (logits averaged)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--suffix", default=".nii.gz", help="label file format: .nii.gz (default), .nii, .nrrd, .mha")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("sliding window")
+    g.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: model's, 0.5)")
+    g.add_argument("--blend", choices=["gaussian", "constant"], default=None, help="window blending")
+    g.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    g.add_argument(
+        "--mirror-axes", type=_mirror_axes, default=None, help="test-time mirroring axes, e.g. 0,1,2 or none"
+    )
+    g.add_argument("--no-crop", action="store_true", help="run windows over the whole volume, not only the body box")
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="autocast (auto: bf16 where native)"
+    )
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g = p.add_argument_group("post-processing (on the input grid, per class)")
+    g.add_argument("--largest-component", action="store_true", help="keep only the largest component of each class")
+    g.add_argument("--min-component-mm3", type=float, default=None, help="remove components smaller than this (mm³)")
+    g.add_argument("--fill-holes", action="store_true", help="fill background cavities enclosed by a class")
+    g = p.add_argument_group("probabilities")
+    g.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write <case>_probabilities.nii.gz (X, Y, Z, K) on the input grid",
+    )
+    g.add_argument(
+        "--probabilities-dtype",
+        choices=["uint8", "uint16", "float32"],
+        default="uint8",
+        help="uint8 (default) / uint16 are scaled with the NIfTI scl_slope so readers see [0, 1]",
+    )
+    p.set_defaults(func=run_predict)
+
+
+def infer_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``InferConfig`` fields set on the command line."""
+    values: dict[str, Any] = {
+        "overlap": args.overlap,
+        "blend": args.blend,
+        "sw_batch_size": args.batch_size,
+        "mirror_axes": args.mirror_axes,
+        "device": args.device,
+        "precision": args.precision,
+        "threads": args.threads,
+        "min_component_mm3": args.min_component_mm3,
+    }
+    if args.no_crop:
+        values["crop_to_body"] = False
+    if args.largest_component:
+        values["keep_largest_component"] = True
+    if args.fill_holes:
+        values["fill_holes"] = True
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Handler of ``medseg predict``: exit 0 when every case succeeded, 1 otherwise."""
+    from pydantic import ValidationError
+
+    from medseg.config import InferConfig
+    from medseg.errors import ConfigError
+    from medseg.infer.predictor import Predictor
+    from medseg.infer.run import predict_to_folder
+    from medseg.models.package import load_model
+
+    models = [load_model(m) for m in args.model]
+    try:
+        infer = InferConfig.model_validate({**models[0].config.infer.model_dump(), **infer_overrides(args)})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"medseg predict options: {problems}") from None
+    predictor = Predictor(models, infer=infer, progress=not args.quiet)
+    records = predict_to_folder(
+        predictor,
+        args.inputs,
+        args.out,
+        overwrite=args.overwrite,
+        suffix=args.suffix,
+        progress=not args.quiet,
+        probabilities=args.probabilities_dtype if args.save_probabilities else None,
+    )
+    for r in records:
+        if r["status"] == "done":
+            print(f"{r['case']}: {r['output']}  ({r['seconds']:.2f} s)")
+        else:
+            print(f"{r['case']}: FAILED: {r['error']}", file=sys.stderr)
+    failed = sum(r["status"] != "done" for r in records)
+    print(f"{len(records) - failed} case(s) written to {args.out}, {failed} failed")
+    return 1 if failed else 0

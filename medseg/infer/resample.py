@@ -1,0 +1,263 @@
+"""From network-grid logits to labels (and probabilities) on the input's own grid.
+
+Never materialises full-resolution float probabilities for all classes: the target grid
+is processed in chunks along its first axis; for each chunk only the block of network
+logits it samples from is converted to probabilities (softmax), interpolated trilinearly
+(``torch.nn.functional.grid_sample``, voxel centres aligned, border padding — the same
+as MONAI's ``SpatialResample(mode="bilinear", padding_mode="border")``) and reduced to the
+argmax.  When the target grid *is* the network grid up to axis permutations, flips and
+an integer shift (the usual case when the plan's spacing equals the image's), no
+interpolation is needed at all and the labels are re-indexed (:class:`IndexMap`).
+
+The network-grid logits may cover only a box of the network grid (the body's bounding
+box, ``offset`` = its corner); outside it the probabilities are background (class 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medseg.io import Geometry, label_dtype
+
+__all__ = ["IndexMap", "index_map", "resample_image", "resample_to_grid"]
+
+#: Budget for one chunk's float32 temporaries (probabilities, sampling grid, logits block).
+CHUNK_BYTES = 192 * 2**20
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    """Target voxel ``i`` lies exactly on network voxel ``sign * i + offset`` (per target axis).
+
+    Attributes:
+        axes: For each target axis, the network axis it runs along.
+        signs: ``+1`` or ``-1`` per target axis.
+        offsets: Integer shift per target axis.
+    """
+
+    axes: tuple[int, int, int]
+    signs: tuple[int, int, int]
+    offsets: tuple[int, int, int]
+
+    def apply(self, net: np.ndarray, target_shape: tuple[int, int, int]) -> np.ndarray:
+        """Re-index a network-grid ``(X', Y', Z')`` array onto the target grid ``target_shape``.
+
+        Indices outside the network grid are clamped (border), as interpolation would.
+        """
+        moved = np.transpose(net, self.axes)
+        index = [
+            _axis_index(self.signs[t], self.offsets[t], size, moved.shape[t]) for t, size in enumerate(target_shape)
+        ]
+        if all(isinstance(i, slice) for i in index):  # views, one copy at the end
+            return np.ascontiguousarray(moved[tuple(index)])
+        arrays = [np.arange(moved.shape[t])[i] if isinstance(i, slice) else i for t, i in enumerate(index)]
+        return np.ascontiguousarray(moved[np.ix_(*arrays)])
+
+
+def _axis_index(sign: int, offset: int, size: int, n: int) -> slice | np.ndarray:
+    """Network indices ``sign * i + offset`` for ``i < size``: a slice when inside ``[0, n)``, else clamped."""
+    first, last = offset, sign * (size - 1) + offset
+    if min(first, last) >= 0 and max(first, last) < n:
+        if sign > 0:
+            return slice(first, last + 1)
+        return slice(first, last - 1 if last > 0 else None, -1)
+    return np.clip(sign * np.arange(size) + offset, 0, n - 1)
+
+
+def _voxel_map(target: Geometry, net_affine: np.ndarray) -> np.ndarray:
+    """``(4, 4)`` map from target voxel indices to network voxel indices."""
+    return np.linalg.inv(np.asarray(net_affine, dtype=np.float64)) @ np.asarray(target.affine, dtype=np.float64)
+
+
+def index_map(target: Geometry, net_affine: np.ndarray, *, atol: float = 1e-4) -> IndexMap | None:
+    """The exact re-indexing from the network grid to ``target``, or ``None`` if interpolation is needed.
+
+    Args:
+        target: The input's grid.
+        net_affine: ``(4, 4)`` RAS affine of the network grid.
+        atol: Tolerance in voxels.
+    """
+    m = _voxel_map(target, net_affine)
+    linear, shift = m[:3, :3], m[:3, 3]
+    rounded = np.rint(linear)
+    if not np.allclose(linear, rounded, atol=atol) or not np.allclose(shift, np.rint(shift), atol=atol):
+        return None
+    if not np.array_equal(np.abs(rounded).sum(axis=0), np.ones(3)) or not np.array_equal(
+        np.abs(rounded).sum(axis=1), np.ones(3)
+    ):
+        return None
+    axes = tuple(int(np.flatnonzero(rounded[:, t])[0]) for t in range(3))
+    signs = tuple(int(rounded[axes[t], t]) for t in range(3))
+    offsets = tuple(int(np.rint(shift[axes[t]])) for t in range(3))
+    return IndexMap(axes=axes, signs=signs, offsets=offsets)  # type: ignore[arg-type]
+
+
+def _probability_block(
+    logits: torch.Tensor,
+    offset: tuple[int, int, int],
+    lo: np.ndarray,
+    hi: np.ndarray,
+) -> torch.Tensor:
+    """Softmax probabilities ``(K, *(hi - lo))`` on network voxels ``[lo, hi)``; background outside ``logits``."""
+    k = int(logits.shape[0])
+    block = torch.zeros((k, *(int(v) for v in hi - lo)), dtype=torch.float32)
+    block[0] = 1.0
+    box_lo = np.maximum(lo, offset)
+    box_hi = np.minimum(hi, np.asarray(offset) + np.asarray(logits.shape[1:]))
+    if np.all(box_hi > box_lo):
+        src = tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(box_lo, box_hi, offset, strict=True))
+        dst = tuple(slice(int(a - b0), int(b - b0)) for a, b, b0 in zip(box_lo, box_hi, lo, strict=True))
+        all_classes = slice(None)
+        block[(all_classes, dst[0], dst[1], dst[2])] = torch.softmax(
+            logits[(all_classes, src[0], src[1], src[2])].float(), dim=0
+        )
+    return block
+
+
+def _scale_probabilities(probs: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        top = float(np.iinfo(dtype).max)
+        return torch.round(probs * top).numpy().astype(dtype)
+    return probs.numpy().astype(dtype)
+
+
+def _sample_chunks(
+    block_fn: Callable[[np.ndarray, np.ndarray], torch.Tensor],
+    *,
+    voxel_map: np.ndarray,
+    source_shape: Sequence[int],
+    target_shape: Sequence[int],
+    bytes_per_voxel: int,
+    chunk_bytes: int,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Trilinear samples of a source volume at every target voxel, chunk by chunk along the first axis.
+
+    Args:
+        block_fn: ``(lo, hi) -> (C, *(hi - lo))`` float32 block of the source volume.
+        voxel_map: ``(4, 4)`` target voxel index -> source voxel index.
+        source_shape: Spatial shape of the source volume.
+        target_shape: Spatial shape of the target grid.
+        bytes_per_voxel: Float32 temporaries per target voxel (to size the chunks).
+        chunk_bytes: Budget per chunk.
+
+    Yields:
+        ``(x0, x1, samples)`` with ``samples`` ``(C, x1 - x0, Y, Z)``; source positions outside
+        the source volume take the nearest border value (``padding_mode="border"``).
+    """
+    m = voxel_map
+    plane = int(target_shape[1]) * int(target_shape[2])
+    step = max(1, min(int(target_shape[0]), chunk_bytes // max(1, (bytes_per_voxel + 8 * 3) * plane)))
+    size = np.asarray(source_shape, dtype=np.float64)
+    jj, kk = np.meshgrid(
+        np.arange(target_shape[1], dtype=np.float64), np.arange(target_shape[2], dtype=np.float64), indexing="ij"
+    )
+    for x0 in range(0, int(target_shape[0]), step):
+        x1 = min(int(target_shape[0]), x0 + step)
+        ii = np.arange(x0, x1, dtype=np.float64)[:, None, None]
+        coords = [np.clip(m[a, 0] * ii + m[a, 1] * jj + m[a, 2] * kk + m[a, 3], 0, size[a] - 1) for a in range(3)]
+        lo = np.array([math.floor(float(c.min())) for c in coords], dtype=np.int64)
+        hi = np.array([min(int(n), math.floor(float(c.max())) + 2) for c, n in zip(coords, size, strict=True)])
+        block = block_fn(lo, hi)
+        grid = []
+        for a in (2, 1, 0):  # grid_sample wants (x=W, y=H, z=D) = our (Z, Y, X) source axes
+            extent = int(hi[a] - lo[a])
+            rel = coords[a] - lo[a]
+            grid.append(2.0 * rel / (extent - 1) - 1.0 if extent > 1 else np.zeros_like(rel))
+        del coords
+        grid_t = torch.from_numpy(np.stack(grid, axis=-1).astype(np.float32))[None]
+        del grid
+        yield x0, x1, F.grid_sample(block[None], grid_t, mode="bilinear", padding_mode="border", align_corners=True)[0]
+
+
+def resample_image(
+    image: torch.Tensor,
+    *,
+    source_affine: np.ndarray,
+    target_affine: np.ndarray,
+    target_shape: Sequence[int],
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
+    """Trilinear resampling of ``(C, X, Y, Z)`` onto another grid without a full-size sampling grid.
+
+    Equivalent to MONAI's ``SpatialResample(mode="bilinear", padding_mode="border")`` (voxel
+    centres aligned), computed in float32 chunk by chunk.
+
+    Args:
+        image: ``(C, X, Y, Z)`` float tensor on ``source_affine``.
+        source_affine: ``(4, 4)`` RAS affine of ``image``.
+        target_affine: ``(4, 4)`` RAS affine of the output grid.
+        target_shape: ``(X', Y', Z')`` of the output grid.
+        chunk_bytes: Budget for one chunk's temporaries.
+
+    Returns:
+        ``(C, X', Y', Z')`` float32.
+    """
+    c = int(image.shape[0])
+    out = torch.empty((c, *(int(s) for s in target_shape)), dtype=torch.float32)
+    voxel_map = np.linalg.inv(np.asarray(source_affine, dtype=np.float64)) @ np.asarray(target_affine, np.float64)
+
+    def block(lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+        return image[:, int(lo[0]) : int(hi[0]), int(lo[1]) : int(hi[1]), int(lo[2]) : int(hi[2])].float()
+
+    for x0, x1, samples in _sample_chunks(
+        block,
+        voxel_map=voxel_map,
+        source_shape=tuple(image.shape[1:]),
+        target_shape=target_shape,
+        bytes_per_voxel=4 * (2 * c + 3),
+        chunk_bytes=chunk_bytes,
+    ):
+        out[:, x0:x1] = samples
+    return out
+
+
+def resample_to_grid(
+    logits: torch.Tensor,
+    *,
+    net_affine: np.ndarray,
+    net_shape: tuple[int, int, int],
+    target: Geometry,
+    offset: tuple[int, int, int] = (0, 0, 0),
+    probabilities: np.dtype | type | str | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels (and optionally probabilities) on ``target`` from network-grid logits, chunk by chunk.
+
+    Args:
+        logits: ``(K, x, y, z)`` logits (any float dtype, CPU) on the box of the network grid
+            starting at ``offset``; outside the box the network grid is background.
+        net_affine: ``(4, 4)`` RAS affine of the network grid.
+        net_shape: ``(X', Y', Z')`` of the network grid.
+        target: The grid to produce (the input's).
+        offset: Network-grid corner of ``logits``.
+        probabilities: ``None``, or the dtype of the returned probabilities: ``float32``, or
+            ``uint8`` / ``uint16`` scaled so that the dtype's maximum means 1.
+        chunk_bytes: Budget for the float32 temporaries of one chunk.
+
+    Returns:
+        ``labels`` ``(X, Y, Z)`` (smallest unsigned dtype) and ``probabilities``
+        ``(K, X, Y, Z)`` or ``None``.
+    """
+    k = int(logits.shape[0])
+    shape = target.shape
+    labels = np.zeros(shape, dtype=label_dtype(k - 1))
+    prob_dtype = None if probabilities is None else np.dtype(probabilities)
+    probs_out = None if prob_dtype is None else np.zeros((k, *shape), dtype=prob_dtype)
+    for x0, x1, sampled in _sample_chunks(
+        lambda lo, hi: _probability_block(logits, offset, lo, hi),
+        voxel_map=_voxel_map(target, net_affine),
+        source_shape=net_shape,
+        target_shape=shape,
+        bytes_per_voxel=4 * (2 * k + 3),
+        chunk_bytes=chunk_bytes,
+    ):
+        labels[x0:x1] = torch.argmax(sampled, dim=0).numpy().astype(labels.dtype, copy=False)
+        if probs_out is not None and prob_dtype is not None:
+            probs_out[:, x0:x1] = _scale_probabilities(sampled, prob_dtype)
+    return labels, probs_out

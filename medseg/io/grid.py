@@ -1,0 +1,107 @@
+"""Exact (interpolation-free) re-indexing between grids that share their voxel centres.
+
+Two files can describe the *same* voxels with different index orders: dcm2niix flips the
+row axis of DICOM images, TotalSegmentator writes its outputs in the orientation of its
+input NIfTI, ITK writers keep DICOM's.  :func:`axis_mapping` recognises that case (a
+signed permutation of the axes with whole-voxel offsets) and :func:`reindex_to` moves the
+array onto the other grid without touching a single value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+
+from medseg.errors import GeometryError
+from medseg.io.volume import Geometry, Volume
+
+__all__ = ["AxisMapping", "axis_mapping", "reindex_to"]
+
+
+@dataclass(frozen=True)
+class AxisMapping:
+    """How to turn an array on grid ``src`` into the same voxels on grid ``dst``.
+
+    Attributes:
+        axes: For each ``dst`` axis, the ``src`` axis it comes from.
+        flip: For each ``dst`` axis, whether the index runs backwards.
+        max_error_mm: Largest distance between a ``src`` grid corner and the ``dst`` voxel it maps to.
+    """
+
+    axes: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+    max_error_mm: float
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """Re-index a ``(C, X, Y, Z)`` array (returns a view where possible)."""
+        out = np.transpose(array, (0, *(a + 1 for a in self.axes)))
+        for axis, flipped in enumerate(self.flip):
+            if flipped:
+                out = np.flip(out, axis=axis + 1)
+        return out
+
+
+def axis_mapping(src: Geometry, dst: Geometry, *, atol: float = 1e-3) -> AxisMapping | None:
+    """The mapping that puts ``src``'s voxels onto ``dst``, if both grids hold the same voxel centres.
+
+    Args:
+        src: Grid of the array to move.
+        dst: Target grid.
+        atol: Largest allowed distance (mm) between corresponding voxel centres.
+
+    Returns:
+        The :class:`AxisMapping`, or ``None`` when the grids are not a re-indexing of each other.
+    """
+    m = np.linalg.inv(dst.affine) @ src.affine  # src index -> dst index
+    rot = np.round(m[:3, :3])
+    if not np.all(np.sort(np.abs(rot), axis=0) == [[0, 0, 0], [0, 0, 0], [1, 1, 1]]):
+        return None
+    if sorted(np.argmax(np.abs(rot), axis=0).tolist()) != [0, 1, 2]:
+        return None
+    shift = np.round(m[:3, 3])
+    axes = [0, 0, 0]
+    flip = [False, False, False]
+    for src_axis in range(3):
+        dst_axis = int(np.argmax(np.abs(rot[:, src_axis])))
+        axes[dst_axis] = src_axis
+        sign = rot[dst_axis, src_axis]
+        if src.shape[src_axis] != dst.shape[dst_axis]:
+            return None
+        expected = 0 if sign > 0 else dst.shape[dst_axis] - 1
+        if shift[dst_axis] != expected:
+            return None
+        flip[dst_axis] = bool(sign < 0)
+    exact = np.eye(4)
+    exact[:3, :3] = rot
+    exact[:3, 3] = shift
+    corners = np.array([[*c, 1.0] for c in product(*[(0, n - 1) for n in src.shape])]).T
+    error = float(np.max(np.linalg.norm((src.affine @ corners - dst.affine @ exact @ corners)[:3], axis=0)))
+    if error > atol:
+        return None
+    return AxisMapping(axes=(axes[0], axes[1], axes[2]), flip=(flip[0], flip[1], flip[2]), max_error_mm=error)
+
+
+def reindex_to(volume: Volume, geometry: Geometry, *, atol: float = 1e-3) -> Volume:
+    """Put ``volume`` on ``geometry`` by permuting/flipping axes only (values are copied, never interpolated).
+
+    Args:
+        volume: The volume to move.
+        geometry: Target grid, holding the same voxel centres in another index order.
+        atol: Tolerance (mm) on voxel centre positions.
+
+    Returns:
+        A new :class:`Volume` whose geometry **is** ``geometry``.
+
+    Raises:
+        GeometryError: The grids do not hold the same voxel centres.
+    """
+    mapping = axis_mapping(volume.geometry, geometry, atol=atol)
+    if mapping is None:
+        raise GeometryError(
+            f"grids do not hold the same voxels (not a re-indexing within {atol} mm): "
+            f"{volume.geometry.describe()} vs {geometry.describe()}"
+        )
+    array = np.ascontiguousarray(mapping.apply(volume.array))
+    return Volume(array=array, geometry=geometry, kind=volume.kind, source=volume.source, meta=dict(volume.meta))
