@@ -36,7 +36,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse
 import json
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -57,7 +56,7 @@ from scipy import ndimage
 from medseg.config import Config, InferConfig
 from medseg.data.plan import ChannelNorm, NetworkPlan, Plan
 from medseg.infer.predictor import Predictor
-from medseg.infer.sliding_window import WindowPredictor, iter_logit_slabs
+from medseg.infer.sliding_window import WindowPredictor, class_argmax, iter_logit_slabs
 from medseg.io import Geometry, Volume, load_volume
 from medseg.models.networks import build_network
 from medseg.models.package import load_model, save_model
@@ -70,16 +69,28 @@ CT_NORM = ChannelNorm(name="CT", scheme="ct", clip=(-200.0, 300.0), mean=60.0, s
 
 
 # ------------------------------------------------------------------------ helpers
-def _rss_gib() -> float:
+def _status_gib(field: str) -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
 
 
+def _rss_gib() -> float:
+    """Current resident set size."""
+    return _status_gib("VmRSS")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident set size since the last :func:`_reset_peak` (process start otherwise)."""
+    return _status_gib("VmHWM")
 
 
 def _machine() -> dict[str, Any]:
@@ -157,7 +168,7 @@ def _medseg_argmax(image: torch.Tensor, wp: WindowPredictor, roi: tuple[int, ...
     for slab in iter_logit_slabs(image, wp, roi_size=roi, overlap=0.5, mode="gaussian", sw_batch_size=batch):
         index = [slice(None)] * 3
         index[slab.axis] = slice(slab.start, slab.stop)
-        labels[tuple(index)] = torch.argmax(slab.logits, dim=0).numpy()
+        labels[tuple(index)] = class_argmax(slab.logits).numpy()
     return labels
 
 
@@ -170,7 +181,7 @@ def _methods(
         net.to(memory_format=torch.contiguous_format)
         with torch.inference_mode():
             out = sliding_window_inference(x, roi, 1, net, overlap=0.5, mode="gaussian")
-        return torch.argmax(torch.as_tensor(out)[0], dim=0).numpy().astype(np.uint8)
+        return class_argmax(torch.as_tensor(out)[0]).numpy().astype(np.uint8)
 
     methods: dict[str, Callable[[torch.Tensor], np.ndarray]] = {"monai_fp32": monai}
     if nnunet_site:
@@ -180,7 +191,7 @@ def _methods(
             def nnunet(x: torch.Tensor) -> np.ndarray:
                 net.to(memory_format=torch.contiguous_format)
                 logits = nn_predictor.predict_sliding_window_return_logits(x[0])
-                return torch.argmax(logits, dim=0).numpy().astype(np.uint8)
+                return class_argmax(logits).numpy().astype(np.uint8)
 
             methods["nnunet_fp32"] = nnunet
         except ImportError as exc:
@@ -213,8 +224,8 @@ def _network_grid_image(model: Path, volume: Volume) -> torch.Tensor:
     return predictor.preprocess(volume).as_tensor()[None]
 
 
-def _predictor_run(model: Path, volume: Volume, *, crop: bool) -> Callable[[], np.ndarray]:
-    predictor = Predictor(model, infer=InferConfig(crop_to_body=crop, sw_batch_size=1))
+def _predictor_run(model: Path, volume: Volume, *, crop: str) -> Callable[[], np.ndarray]:
+    predictor = Predictor(model, infer=InferConfig(body_crop=crop, sw_batch_size=1))
 
     def run() -> np.ndarray:
         return predictor.predict(volume).array[0]
@@ -230,7 +241,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     methods: dict[str, Callable[[], np.ndarray]] = {
         name: (lambda f=f: f(x)) for name, f in _methods(net, ROI, classes, args.nnunet_site).items()
     }
-    methods["medseg_predictor_crop"] = _predictor_run(model, volume, crop=True)
+    for crop in ("none", "windows", "box"):
+        methods[f"medseg_predictor_{crop}"] = _predictor_run(model, volume, crop=crop)
     if args.only:
         methods = {k: v for k, v in methods.items() if k in args.only.split(",") or k == "monai_fp32"}
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -275,14 +287,16 @@ def _speed_memory_subprocess(method: str, args: argparse.Namespace) -> dict[str,
 def speed_one(args: argparse.Namespace) -> dict[str, Any]:
     classes = 4
     net, volume, model = _speed_setup(classes)
-    if args.method == "medseg_predictor_crop":
-        run = _predictor_run(model, volume, crop=True)
+    if args.method.startswith("medseg_predictor"):
+        run = _predictor_run(model, volume, crop=args.method.rsplit("_", 1)[1])
         before = _rss_gib()
+        _reset_peak()
         run()
     else:
         x = _network_grid_image(model, volume)
         fn = _methods(net, ROI, classes, args.nnunet_site or None)[args.method]
         before = _rss_gib()
+        _reset_peak()
         fn(x)
     peak = _peak_rss_gib()
     return {"peak": round(peak, 3), "before": round(before, 3), "added": round(peak - before, 3)}
@@ -298,10 +312,14 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("no held-out phantoms in sample_data/Dataset001_CTPhantom/imagesTs")
     methods = _methods(model.network.eval(), roi, classes, args.nnunet_site)
     methods = {k: methods[k] for k in ("monai_fp32", "nnunet_fp32", "medseg_fp32", "medseg_bf16") if k in methods}
-    medseg_e2e = Predictor(args.model, infer=InferConfig(precision="auto"))  # bf16 + body crop, the defaults
+    e2e_modes = {  # bf16 autocast (precision auto on this CPU) with each body-crop mode
+        crop: Predictor(args.model, infer=InferConfig(body_crop=crop, sw_batch_size=1)) for crop in ("windows", "box")
+    }
     prep = Predictor(args.model, infer=InferConfig(precision="fp32"))
     grid: dict[str, list[np.ndarray]] = {name: [] for name in methods}
-    e2e_ref, e2e_ours, refs = [], [], []
+    e2e_ref: list[np.ndarray] = []
+    e2e_ours: dict[str, list[np.ndarray]] = {crop: [] for crop in e2e_modes}
+    refs = []
     for path in images:
         volume = load_volume(path)
         image = prep.preprocess(volume)
@@ -315,8 +333,9 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
         back = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
             probs, dst_affine=torch.as_tensor(np.array(volume.geometry.affine)), spatial_size=volume.geometry.shape
         )
-        e2e_ref.append(torch.argmax(torch.as_tensor(back), 0).numpy())
-        e2e_ours.append(medseg_e2e.predict(volume).array[0])
+        e2e_ref.append(class_argmax(torch.as_tensor(back)).numpy())
+        for crop, predictor in e2e_modes.items():
+            e2e_ours[crop].append(predictor.predict(volume).array[0])
         ref_path = path.parent.parent / "labelsTs" / path.name.replace("_0000", "")
         refs.append(load_volume(ref_path, kind="label").array[0] if ref_path.exists() else None)
     ref = np.concatenate([g.ravel() for g in grid["monai_fp32"]])
@@ -324,32 +343,24 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
     for name, outs in grid.items():
         ours = np.concatenate([g.ravel() for g in outs])
         rows.append({"method": name, "grid": "network", "dice_vs_monai_fp32": _dice_per_class(ours, ref, classes)})
-    a = np.concatenate([g.ravel() for g in e2e_ours])
     b = np.concatenate([g.ravel() for g in e2e_ref])
-    rows.append(
-        {
-            "method": "medseg_predictor (bf16, crop)",
-            "grid": "input",
-            "dice_vs_monai_fp32": _dice_per_class(a, b, classes),
-        }
-    )
+    ours_e2e = {crop: np.concatenate([g.ravel() for g in outs]) for crop, outs in e2e_ours.items()}
+    for crop, a in ours_e2e.items():
+        name = f"medseg Predictor (bf16, body_crop={crop})"
+        rows.append({"method": name, "grid": "input", "dice_vs_monai_fp32": _dice_per_class(a, b, classes)})
     truth = [r for r in refs if r is not None]
     if len(truth) == len(refs):
         t = np.concatenate([r.ravel() for r in truth])
         rows.append(
             {
-                "method": "monai_fp32 vs ground truth",
+                "method": "MONAI fp32 vs ground truth",
                 "grid": "input",
                 "dice_vs_monai_fp32": _dice_per_class(b, t, classes),
             }
         )
-        rows.append(
-            {
-                "method": "medseg_predictor vs ground truth",
-                "grid": "input",
-                "dice_vs_monai_fp32": _dice_per_class(a, t, classes),
-            }
-        )
+        for crop, a in ours_e2e.items():
+            name = f"medseg (body_crop={crop}) vs ground truth"
+            rows.append({"method": name, "grid": "input", "dice_vs_monai_fp32": _dice_per_class(a, t, classes)})
     for row in rows:
         row["dice_vs_monai_fp32"] = [round(d, 4) for d in row["dice_vs_monai_fp32"]]
     return {"part": "agreement", "model": str(args.model), "cases": [p.name for p in images], "rows": rows}
@@ -385,8 +396,9 @@ def memory_one(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     array = rng.integers(-1000, 1000, size=(1, *shape), dtype=np.int16)
     volume = Volume(array, Geometry(shape=shape, affine=np.diag([0.8, 0.8, 1.0, 1.0])), source="big")
-    predictor = Predictor(model, infer=InferConfig(crop_to_body=False, sw_batch_size=1))
+    predictor = Predictor(model, infer=InferConfig(body_crop="none", sw_batch_size=1))
     before = _rss_gib()
+    _reset_peak()
     t0 = time.perf_counter()
     result = predictor.predict_case(volume)
     seconds = time.perf_counter() - t0

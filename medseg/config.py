@@ -184,8 +184,10 @@ class InferConfig(_Strict):
     mirror_axes: tuple[int, ...] = ()
     precision: Precision = "auto"
     device: str = "auto"
-    crop_to_body: bool = Field(
-        default=True, description="skip windows outside the body box (CT > -500 HU, other channels non-zero)"
+    body_crop: Literal["windows", "box", "none"] = Field(
+        default="windows",
+        description="body = CT > -500 HU / other channels non-zero; windows: skip windows outside its box "
+        "(same result inside); box: crop to the box and re-tile it (fewer windows); none: every window",
     )
     logits_dtype: Literal["float16", "float32"] = Field(
         default="float16", description="network-grid logits kept for resampling (blending is float32 per slab)"

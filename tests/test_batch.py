@@ -240,6 +240,19 @@ def test_split_series_errors_name_the_real_files(tmp_path: Path) -> None:
     assert volume.geometry.shape == (40, 40, 22)
 
 
+def test_discover_only_fills_the_manifest(tmp_path: Path, tiny_model: Path) -> None:
+    archive = good_archive(tmp_path / "archive", range(3))
+    (archive / "README.txt").write_text("not dicom")
+    options = BatchOptions(process=False, progress=False)
+    summary = run_batch(archive, tiny_model, tmp_path / "out", options)
+    assert summary["counts"]["pending"] == 3 and summary["run"]["processed"] == 0
+    assert summary["ignored_files"] == {"not DICOM": 1} and not summary["complete"]
+    again = run_batch(archive, tiny_model, tmp_path / "out", options)
+    assert again["run"]["sync"] == {"new": 0, "unchanged": 3, "changed": 0, "reset": 0, "retried": 0}
+    with pytest.raises(Exception, match="--retry-failed needs discovery"):
+        run_batch(archive, tiny_model, tmp_path / "out", BatchOptions(discover=False, retry_failed=True))
+
+
 def test_output_names_cannot_escape(tmp_path: Path) -> None:
     name = series_dir_name(key="1.2.3", study_uid="../../etc", series_number=3, description="../../../root/.ssh x")
     assert ".." not in name.parts and len(name.parts) == 2
@@ -255,7 +268,7 @@ def test_batch_on_messy_archive_then_resume(
     expected = build_archive(archive)
     out = tmp_path / "out"
     args = [str(archive), "--model", str(tiny_model), "--out", str(out), "--rules", str(RULES)]
-    code = batch_main([*args, "--outputs", ALL_OUTPUTS, "--quiet"])
+    code = batch_main([*args, "--outputs", ALL_OUTPUTS, "--workers", "2", "--quiet"])  # with prefetch
     printed = capsys.readouterr()
     assert code == 1  # two series failed
 
@@ -372,13 +385,13 @@ def test_sigkill_at_crash_points_then_resume(tmp_path: Path, tiny_model: Path) -
     out = tmp_path / "out"
     manifest = out / "manifest.sqlite"
     # 1. Killed right after the first series' folder was renamed into place, before it was recorded.
-    proc = _run_cli(archive, tiny_model, out, env={"MEDSEG_BATCH_CRASH_AT": "renamed:1"})
+    proc = _run_cli(archive, tiny_model, out, "--workers", "2", env={"MEDSEG_BATCH_CRASH_AT": "renamed:1"})
     proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert _done_events(manifest) == 0
     # 2. Killed at a random moment after the next completion (the first run's claims are reclaimed,
     #    the renamed folder is adopted, not recomputed).
-    proc = _run_cli(archive, tiny_model, out)
+    proc = _run_cli(archive, tiny_model, out, "--workers", "2")
     _kill_after(proc, manifest, done_events=_done_events(manifest) + 1, delay=random.uniform(0, 1.0))
     # 3. The final run completes everything.
     proc = _run_cli(archive, tiny_model, out)
@@ -410,8 +423,8 @@ def test_sigkill_random_loop(tmp_path: Path, tiny_model: Path) -> None:
     proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL and any((out / ".tmp").iterdir())  # a finished temp folder left
     kills = 0
-    for _ in range(8):
-        proc = _run_cli(archive, tiny_model, out)
+    for attempt in range(8):
+        proc = _run_cli(archive, tiny_model, out, "--workers", str(attempt % 3))
         kills += _kill_after(proc, manifest, done_events=0, delay=rng.uniform(0.5, 12.0))
     assert kills >= 4
     proc = _run_cli(archive, tiny_model, out)

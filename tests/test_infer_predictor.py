@@ -20,6 +20,7 @@ from medseg.config import Config, InferConfig
 from medseg.data.plan import ChannelNorm, NetworkPlan, Plan
 from medseg.errors import ConfigError, MedsegError, ModelError
 from medseg.infer.cli import add_predict_parser
+from medseg.infer.crop import body_box
 from medseg.infer.predictor import Predictor
 from medseg.infer.resample import index_map, resample_to_grid
 from medseg.infer.run import predict_to_folder
@@ -88,15 +89,43 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------- body crop
-def test_windows_outside_the_body_are_skipped_without_changing_the_labels(phantom_ct: Volume) -> None:
+@pytest.fixture(scope="module")
+def padded_ct(phantom_ct: Volume) -> Volume:
+    """The phantom with 48 voxels of air added on both sides of x and y (windows far from the body)."""
+    array = np.pad(phantom_ct.array, ((0, 0), (48, 48), (48, 48), (0, 0)), constant_values=-1000)
+    shift = np.eye(4)
+    shift[:3, 3] = (-48, -48, 0)
+    return Volume(array, Geometry(shape=array.shape[1:], affine=phantom_ct.geometry.affine @ shift), source="pad")
+
+
+def test_skipped_windows_leave_the_body_prediction_unchanged(model_dir: Path, padded_ct: Volume) -> None:
+    everything = Predictor(model_dir, infer=InferConfig(body_crop="none", precision="fp32"))
+    skipping = Predictor(model_dir, infer=InferConfig(body_crop="windows", precision="fp32"))
+    a = everything.predict(padded_ct).array[0]
+    b = skipping.predict(padded_ct).array[0]
+    assert skipping.last_timings["windows"] < 0.75 * everything.last_timings["windows"]
+    # Every window touching the body box runs with its original position; skipped windows do not
+    # touch the box, so inside it (less a voxel for interpolation) the blend and the labels are the same.
+    lo, hi = body_box(padded_ct, _plan())
+    inner = tuple(slice(int(a0) + 1, int(b0) - 1) for a0, b0 in zip(lo, hi, strict=True))
+    assert np.array_equal(a[inner], b[inner])
+    assert np.mean(a[inner] > 0) > 0.3
+    outside = np.ones_like(a, dtype=bool)
+    outside[inner] = False
+    # the random network "segments" air; where its windows were skipped the result is background
+    assert np.mean(b[outside] == 0) > np.mean(a[outside] == 0) + 0.3
+
+
+def test_body_crop_modes_agree_when_the_air_is_background(padded_ct: Volume) -> None:
     model = _threshold_model()
-    full = Predictor(model, infer=InferConfig(crop_to_body=False, precision="fp32"))
-    cropped = Predictor(model, infer=InferConfig(crop_to_body=True, precision="fp32"))
-    a = full.predict(phantom_ct)
-    b = cropped.predict(phantom_ct)
-    assert cropped.last_timings["windows"] < full.last_timings["windows"]
-    assert np.array_equal(a.array, b.array)
-    assert b.array.max() == 1 and 0.1 < np.mean(b.array == 1) < 0.6
+    runs = {}
+    for mode in ("none", "windows", "box"):
+        predictor = Predictor(model, infer=InferConfig(body_crop=mode, precision="fp32"))
+        runs[mode] = (predictor.predict(padded_ct).array, predictor.last_timings["windows"])
+    assert runs["box"][1] < runs["windows"][1] < runs["none"][1]
+    assert np.array_equal(runs["windows"][0], runs["none"][0])
+    assert np.array_equal(runs["box"][0], runs["none"][0])
+    assert 0.05 < np.mean(runs["none"][0] == 1) < 0.5
 
 
 def test_air_only_image_is_background_without_running_the_network(phantom_ct: Volume) -> None:
@@ -171,7 +200,7 @@ def test_same_voxels_in_another_axis_order_are_reindexed_not_interpolated(model_
         shape=ct.geometry.shape, spacing=(2.0, 2.0, 3.0), origin=(5, -3, 7), direction=np.eye(3)
     )
     image = Volume(ct.array, geometry, source="lps.nii.gz")
-    predictor = Predictor(model_dir, infer=InferConfig(precision="fp32", logits_dtype="float32", crop_to_body=False))
+    predictor = Predictor(model_dir, infer=InferConfig(precision="fp32", logits_dtype="float32", body_crop="none"))
     net_affine = np.asarray(predictor.preprocess(image).affine)
     mapping = index_map(geometry, net_affine)
     assert mapping is not None and mapping.signs == (-1, -1, 1)
@@ -197,7 +226,7 @@ def test_probabilities_are_on_the_input_grid_and_agree_with_labels(model_dir: Pa
 # --------------------------------------------------------------- ensembles, bad input
 def test_ensemble_of_two_models_averages_their_logits(model_dir: Path, tmp_path: Path, phantom_ct: Volume) -> None:
     other = _model_dir(tmp_path / "m2", seed=1)
-    settings = InferConfig(precision="fp32", crop_to_body=False)
+    settings = InferConfig(precision="fp32", body_crop="none")
     one, two = Predictor(model_dir, infer=settings), Predictor(other, infer=settings)
     both = Predictor([model_dir, other], infer=settings)
     image = both.preprocess(phantom_ct)[None]
@@ -222,6 +251,17 @@ def test_missing_gpu_is_a_clear_error(model_dir: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="'cuda' requested but CUDA is not available"):
         Predictor(model_dir, infer=InferConfig(device="cuda"))
+
+
+@pytest.mark.parametrize(("free_mib", "expected"), [(1024, "cuda"), (100, "cpu")])
+def test_predictor_stitches_on_the_gpu_only_when_the_buffer_fits(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, free_mib: int, expected: str
+) -> None:
+    predictor = Predictor(model_dir)
+    predictor.windows.device = torch.device("cuda", 0)  # as if the networks ran on a GPU
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_mib * 2**20, 8 * 2**30))
+    # 512x512x600 on the network grid, 32x32x16 windows, 4 classes: streaming along z needs 80 MiB
+    assert predictor._stitch_device((512, 512, 600)).type == expected
 
 
 def test_corrupt_input_is_recorded_and_leaves_no_output(model_dir: Path, phantom_ct: Volume, tmp_path: Path) -> None:

@@ -41,7 +41,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated: nifti, seg (DICOM SEG), rtstruct, json (volumes per class); default nifti,json",
     )
     p.add_argument("--retry-failed", action="store_true", help="process series that failed before again")
-    p.add_argument("--workers", type=int, default=2, help="loader threads reading ahead (0 = no prefetch); default 2")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="loader threads reading the next series during inference (0 = no prefetch); default: 2 with a GPU,"
+        " 0 on CPU (where they slow inference down; see docs/benchmarks.md)",
+    )
     p.add_argument("--prefetch", type=int, default=2, help="loaded series queued for inference; default 2")
     p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
     p.add_argument(

@@ -88,7 +88,9 @@ class BatchOptions:
         outputs: Any of ``nifti``, ``seg``, ``rtstruct``, ``json``.
         rules: Selection rules YAML (``None``: every image series except localizers).
         retry_failed: Send ``failed`` series back to ``pending``.
-        workers: Loader threads reading the next series during inference (0: no prefetch).
+        workers: Loader threads reading the next series during inference (0: no prefetch; ``None``:
+            2 when inference runs on a GPU, 0 on CPU, where the threads compete with the network for
+            the cores and the GIL - measured slower on 2 cores, see ``docs/benchmarks.md``).
         prefetch: Loaded series waiting in the queue (at least 1).
         seg_type: DICOM SEG encoding, ``binary`` or ``labelmap``.
         max_attempts: A series whose process died this often while on it is marked failed.
@@ -105,7 +107,7 @@ class BatchOptions:
     outputs: tuple[str, ...] = ("nifti", "json")
     rules: PathLike | None = None
     retry_failed: bool = False
-    workers: int = 2
+    workers: int | None = None
     prefetch: int = 2
     seg_type: Literal["binary", "labelmap"] = "binary"
     max_attempts: int = 3
@@ -123,7 +125,7 @@ class BatchOptions:
         unknown = [o for o in self.outputs if o not in OUTPUTS]
         if unknown or not self.outputs:
             raise ConfigError(f"--outputs: unknown {unknown or 'empty list'} (choose from {', '.join(OUTPUTS)})")
-        if self.workers < 0 or self.prefetch < 1:
+        if (self.workers is not None and self.workers < 0) or self.prefetch < 1:
             raise ConfigError("--workers must be >= 0 and --prefetch >= 1")
         if self.seg_type not in ("binary", "labelmap"):
             raise ConfigError(f"--seg-type must be binary or labelmap, got {self.seg_type!r}")
@@ -558,6 +560,7 @@ class _Runner:
         self._held_lock = threading.Lock()
         self._stop = threading.Event()
         self.predictor: Any = None
+        self.workers = options.workers if options.workers is not None else 0
         self.stats = {"processed": 0, "done": 0, "failed": 0, "adopted": 0}
         self.bar: Any = None
 
@@ -827,7 +830,7 @@ class _Runner:
         heartbeat = threading.Thread(target=self._heartbeat, name="medseg-batch-heartbeat", daemon=True)
         heartbeat.start()
         try:
-            if self.options.workers == 0:
+            if self.workers == 0:
                 while (claim := self._claim()) is not None:
                     self.process(self.load(claim))
             else:
@@ -861,8 +864,7 @@ class _Runner:
                     slots.put(None, timeout=3600)
 
         threads = [
-            threading.Thread(target=loader, name=f"medseg-batch-loader-{i}", daemon=True)
-            for i in range(self.options.workers)
+            threading.Thread(target=loader, name=f"medseg-batch-loader-{i}", daemon=True) for i in range(self.workers)
         ]
         for thread in threads:
             thread.start()
@@ -969,6 +971,8 @@ def run_batch(
             total = manifest.count("pending", rank=rank, world_size=world)
             if total:
                 runner.predictor = _make_predictor(Path(model), device)
+                if options.workers is None:
+                    runner.workers = 2 if getattr(runner.predictor.device, "type", "cpu") == "cuda" else 0
             runner.run(total)
         process_s = time.perf_counter() - t_process
         summary = manifest.summary()
@@ -981,7 +985,7 @@ def run_batch(
             "rules": rules.source,
             "rank": rank,
             "world_size": world,
-            "workers": options.workers,
+            "workers": runner.workers,
             "prefetch": options.prefetch,
             "journal_mode": manifest.journal_mode,
             "reclaimed": len(reclaimed),

@@ -55,7 +55,13 @@ def add_predict_parser(subparsers: Any) -> None:
     g.add_argument(
         "--mirror-axes", type=_mirror_axes, default=None, help="test-time mirroring axes, e.g. 0,1,2 or none"
     )
-    g.add_argument("--no-crop", action="store_true", help="run windows over the whole volume, not only the body box")
+    g.add_argument(
+        "--body-crop",
+        choices=["windows", "box", "none"],
+        default=None,
+        help="windows (default): skip windows outside the body box, same result inside; box: crop to the body "
+        "box and re-tile it (fewer windows, slightly different tiling); none: run every window",
+    )
     g = p.add_argument_group("device")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     g.add_argument(
@@ -93,8 +99,8 @@ def infer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "min_component_mm3": args.min_component_mm3,
     }
-    if args.no_crop:
-        values["crop_to_body"] = False
+    if args.body_crop:
+        values["body_crop"] = args.body_crop
     if args.largest_component:
         values["keep_largest_component"] = True
     if args.fill_holes:

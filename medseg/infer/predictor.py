@@ -1,7 +1,7 @@
 """Sliding-window prediction over a model directory, with outputs on the input grid.
 
 The input is preprocessed exactly as in training (orientation, spacing, normalisation
-from the plan) and cropped to the body's box; the networks (one model, or several
+from the plan); windows that do not touch the body's box are skipped; the networks (one model, or several
 folds/models ensembled) run window by window with Gaussian blending, optional mirroring
 and bf16 autocast on CPUs that have it (:mod:`medseg.infer.sliding_window`).  Blended
 logits stream out slab by slab; they are either reduced to labels on the fly (when the
@@ -36,12 +36,14 @@ from medseg.infer.sliding_window import (
     WindowPredictor,
     choose_stitch_device,
     choose_stream_axis,
+    class_argmax,
     iter_logit_slabs,
     mirror_combinations,
     slab_buffer_bytes,
     sliding_window_predict,
+    windows_touching,
 )
-from medseg.io import Volume, label_dtype, load_volume
+from medseg.io import Geometry, Volume, label_dtype, load_volume
 from medseg.models.device import resolve_device, resolve_precision, use_channels_last
 from medseg.models.package import LoadedModel, load_model
 from medseg.types import PathLike
@@ -176,6 +178,31 @@ class Predictor:
             progress=self.progress,
         )
 
+    def _crop(
+        self,
+        mode: str,
+        box: tuple[np.ndarray, np.ndarray] | None,
+        geometry: Geometry,
+        net_affine: np.ndarray,
+        net_shape: tuple[int, int, int],
+    ) -> tuple[slice, slice, slice] | None:
+        """The network-grid region to run windows on (``None``: no body, nothing to run)."""
+        if mode == "none":
+            return (slice(0, net_shape[0]), slice(0, net_shape[1]), slice(0, net_shape[2]))
+        if box is None:
+            return None
+        roi = self.plan.patch_size
+        mapped = box_on_grid(
+            box,
+            source_affine=geometry.affine,
+            grid_affine=net_affine,
+            grid_shape=net_shape,
+            min_size=roi if mode == "box" else (1, 1, 1),
+        )
+        if mode == "box":
+            return mapped
+        return windows_touching(mapped, net_shape, roi, overlap=self.infer.overlap)
+
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits on the network grid (no cropping).
 
@@ -242,8 +269,8 @@ class Predictor:
         self._check_channels(source)
         geometry, name = source.geometry, source.source
         t0 = time.perf_counter()
-        box = body_box(source, self.plan) if self.infer.crop_to_body else None
-        full = (np.zeros(3, dtype=np.int64), np.array(geometry.shape))
+        mode = self.infer.body_crop
+        box = body_box(source, self.plan) if mode != "none" else None
         image = self.preprocess(source)
         del source, items
         net_affine = torch.as_tensor(image.affine).detach().cpu().numpy().astype(np.float64)
@@ -252,16 +279,7 @@ class Predictor:
         del image
         t1 = time.perf_counter()
         forward_before, windows_before = self.windows.seconds, self.windows.calls
-        if self.infer.crop_to_body and box is None:
-            crop = None  # no body at all: nothing to run
-        else:
-            crop = box_on_grid(
-                box or full,
-                source_affine=geometry.affine,
-                grid_affine=net_affine,
-                grid_shape=net_shape,
-                min_size=self.plan.patch_size,
-            )
+        crop = self._crop(mode, box, geometry, net_affine, net_shape)
         k = self.plan.num_classes
         mapping = index_map(geometry, net_affine) if probabilities is None else None
         probs: np.ndarray | None = None
@@ -275,7 +293,7 @@ class Predictor:
             for slab in self._slabs(plain[(slice(None), crop[0], crop[1], crop[2])]):
                 region = list(crop)
                 region[slab.axis] = slice(crop[slab.axis].start + slab.start, crop[slab.axis].start + slab.stop)
-                net_labels[tuple(region)] = torch.argmax(slab.logits, dim=0).cpu().numpy()
+                net_labels[tuple(region)] = class_argmax(slab.logits).cpu().numpy()
             del plain
             t2 = time.perf_counter()
             labels = mapping.apply(net_labels, geometry.shape)

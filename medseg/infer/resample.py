@@ -257,7 +257,7 @@ def resample_to_grid(
         bytes_per_voxel=4 * (2 * k + 3),
         chunk_bytes=chunk_bytes,
     ):
-        labels[x0:x1] = torch.argmax(sampled, dim=0).numpy().astype(labels.dtype, copy=False)
+        labels[x0:x1] = torch.max(sampled, dim=0).indices.numpy().astype(labels.dtype, copy=False)
         if probs_out is not None and prob_dtype is not None:
             probs_out[:, x0:x1] = _scale_probabilities(sampled, prob_dtype)
     return labels, probs_out

@@ -43,11 +43,14 @@ __all__ = [
     "WindowPredictor",
     "choose_stitch_device",
     "choose_stream_axis",
+    "class_argmax",
     "is_out_of_memory",
     "iter_logit_slabs",
     "mirror_combinations",
+    "slab_buffer_bytes",
     "sliding_window_predict",
     "window_starts",
+    "windows_touching",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,10 +88,56 @@ def window_starts(image_size: Sequence[int], roi_size: Sequence[int], *, overlap
     return [(int(s[0].start), int(s[1].start), int(s[2].start)) for s in slices]
 
 
+def windows_touching(
+    box: Sequence[slice], image_size: Sequence[int], roi_size: Sequence[int], *, overlap: float
+) -> tuple[slice, slice, slice]:
+    """The box covered by the windows (of the whole image's window grid) that intersect ``box``.
+
+    Tiling this box with :func:`window_starts` gives exactly those windows again, so a
+    prediction on the box equals the whole-image prediction inside it: windows that do not
+    touch ``box`` are skipped without changing any other window.
+
+    Args:
+        box: Three slices (region of interest) on the image.
+        image_size: ``(X, Y, Z)``.
+        roi_size: Window size.
+        overlap: Window overlap, as for :func:`window_starts`.
+
+    Returns:
+        Three slices; an axis shorter than the window keeps its full extent.
+    """
+    out = []
+    for axis, (size, roi) in enumerate(zip(image_size, roi_size, strict=True)):
+        if size <= roi:
+            out.append(slice(0, size))
+            continue
+        interval = max(1, int(roi * (1 - overlap)))
+        starts = [int(s[0].start) for s in dense_patch_slices([size], [roi], [interval])]
+        lo, hi = int(box[axis].start), int(box[axis].stop)
+        touching = [s for s in starts if s < hi and s + roi > lo] or [min(starts, key=lambda s: abs(s - lo))]
+        out.append(slice(min(touching), max(touching) + roi))
+    return out[0], out[1], out[2]
+
+
 def choose_stream_axis(image_size: Sequence[int], roi_size: Sequence[int]) -> int:
     """The spatial axis along which streaming keeps the smallest buffer (largest ``size / roi``)."""
     ratios = [size / roi for size, roi in zip(image_size, roi_size, strict=True)]
     return max(range(len(ratios)), key=lambda a: (ratios[a], a))
+
+
+def class_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Index of the largest value along dim 0 (the first one on ties), like ``torch.argmax(logits, 0)``.
+
+    ``torch.max(...).indices`` reduces over the leading dimension several times faster than
+    ``torch.argmax`` on CPU (measured in ``benchmarks/bench_inference.py``).
+
+    Args:
+        logits: ``(K, ...)`` scores.
+
+    Returns:
+        ``(...)`` int64 class indices.
+    """
+    return torch.max(logits, dim=0).indices
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
