@@ -15,6 +15,7 @@ box, ``offset`` = its corner); outside it the probabilities are background (clas
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medseg.infer.sliding_window import class_argmax
 from medseg.io import Geometry, label_dtype
 
 __all__ = ["IndexMap", "index_map", "resample_image", "resample_to_grid"]
@@ -125,6 +127,16 @@ def _scale_probabilities(probs: torch.Tensor, dtype: np.dtype) -> np.ndarray:
         top = float(np.iinfo(dtype).max)
         return torch.round(probs * top).numpy().astype(dtype)
     return probs.numpy().astype(dtype)
+
+
+def _separable_axes(voxel_map: np.ndarray, *, atol: float = 1e-9) -> tuple[int, int, int] | None:
+    """For each target axis the one source axis it moves along, if the map has no rotation/shear."""
+    linear = voxel_map[:3, :3]
+    nonzero = np.abs(linear) > atol
+    if not (nonzero.sum(axis=0) == 1).all() or not (nonzero.sum(axis=1) == 1).all():
+        return None
+    a = [int(np.flatnonzero(nonzero[:, t])[0]) for t in range(3)]
+    return a[0], a[1], a[2]
 
 
 def _sample_chunks(
@@ -246,12 +258,16 @@ def resample_to_grid(
     """
     k = int(logits.shape[0])
     shape = target.shape
+    voxel_map = _voxel_map(target, net_affine)
+    axes = _separable_axes(voxel_map)
+    if probabilities is None and axes is not None:
+        return _labels_separable(logits, offset, voxel_map, axes, net_shape, shape, chunk_bytes), None
     labels = np.zeros(shape, dtype=label_dtype(k - 1))
     prob_dtype = None if probabilities is None else np.dtype(probabilities)
     probs_out = None if prob_dtype is None else np.zeros((k, *shape), dtype=prob_dtype)
     for x0, x1, sampled in _sample_chunks(
         lambda lo, hi: _probability_block(logits, offset, lo, hi),
-        voxel_map=_voxel_map(target, net_affine),
+        voxel_map=voxel_map,
         source_shape=net_shape,
         target_shape=shape,
         bytes_per_voxel=4 * (2 * k + 3),
@@ -261,3 +277,69 @@ def resample_to_grid(
         if probs_out is not None and prob_dtype is not None:
             probs_out[:, x0:x1] = _scale_probabilities(sampled, prob_dtype)
     return labels, probs_out
+
+
+def _labels_separable(
+    logits: torch.Tensor,
+    offset: tuple[int, int, int],
+    voxel_map: np.ndarray,
+    axes: tuple[int, int, int],
+    net_shape: Sequence[int],
+    target_shape: tuple[int, int, int],
+    chunk_bytes: int,
+) -> np.ndarray:
+    """Labels of :func:`resample_to_grid` for maps without rotation, interpolating only where needed.
+
+    A target voxel whose eight surrounding network voxels share one argmax class gets that
+    class: a convex combination of probability vectors that all peak at class ``c`` peaks
+    at ``c``.  Only the other voxels (near class boundaries) are interpolated in full.
+    """
+    k = int(logits.shape[0])
+    labels = np.zeros(target_shape, dtype=label_dtype(k - 1))
+    size = np.asarray(net_shape, dtype=np.float64)
+    per_axis = [
+        np.clip(voxel_map[axes[t], t] * np.arange(target_shape[t]) + voxel_map[axes[t], 3], 0, size[axes[t]] - 1)
+        for t in range(3)
+    ]
+    plane = target_shape[1] * target_shape[2]
+    step = max(1, min(target_shape[0], chunk_bytes // max(1, (4 * k + 16) * plane)))
+    for x0 in range(0, target_shape[0], step):
+        x1 = min(target_shape[0], x0 + step)
+        coords = [per_axis[0][x0:x1], per_axis[1], per_axis[2]]  # target axis t runs along network axis axes[t]
+        lo = np.zeros(3, dtype=np.int64)
+        hi = np.zeros(3, dtype=np.int64)
+        for t in range(3):
+            lo[axes[t]] = math.floor(float(coords[t].min()))
+            hi[axes[t]] = min(int(size[axes[t]]), math.floor(float(coords[t].max())) + 2)
+        probs = _probability_block(logits, offset, lo, hi).permute(0, 1 + axes[0], 1 + axes[1], 1 + axes[2])
+        block_labels = class_argmax(probs).to(torch.uint8 if k <= 256 else torch.int32).contiguous()
+        left, right, frac = [], [], []
+        for t in range(3):
+            extent = int(hi[axes[t]] - lo[axes[t]])
+            rel = coords[t] - lo[axes[t]]
+            i0 = np.clip(np.floor(rel), 0, extent - 1).astype(np.int64)
+            left.append(torch.from_numpy(i0))
+            right.append(torch.from_numpy(np.minimum(i0 + 1, extent - 1)))
+            frac.append(torch.from_numpy((rel - i0).astype(np.float32)))
+        # labels of the 8 surrounding network voxels of every target voxel, (x1 - x0, Y, Z) each
+        corners = [block_labels]
+        for t in range(3):
+            corners = [c.index_select(t, idx) for c in corners for idx in (left[t], right[t])]
+        chunk = corners[0]
+        mixed = torch.zeros(chunk.shape, dtype=torch.bool)
+        for other in corners[1:]:
+            mixed |= other != chunk
+        where = mixed.nonzero()
+        if where.numel():
+            chunk = chunk.clone()
+            total = torch.zeros((k, where.shape[0]), dtype=torch.float32)
+            for bits in itertools.product((0, 1), repeat=3):
+                index, weight = [], torch.ones(where.shape[0], dtype=torch.float32)
+                for t, bit in enumerate(bits):
+                    pos = where[:, t]
+                    index.append((right[t] if bit else left[t])[pos])
+                    weight = weight * (frac[t][pos] if bit else 1 - frac[t][pos])
+                total += probs[:, index[0], index[1], index[2]] * weight
+            chunk[where[:, 0], where[:, 1], where[:, 2]] = class_argmax(total).to(chunk.dtype)
+        labels[x0:x1] = chunk.numpy()
+    return labels
