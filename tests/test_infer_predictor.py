@@ -152,31 +152,49 @@ def _smooth_logits(shape: tuple[int, ...], k: int = 4, seed: int = 0) -> torch.T
     return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0]
 
 
-def test_chunked_resampling_matches_monai_spatial_resample(phantom_ct: Volume) -> None:
-    """Oblique target, RAS network grid at another spacing: our chunks == MONAI's whole-volume resample."""
-    mt = phantom_ct.to_metatensor().float()
+def _lps_volume(like: Volume) -> Volume:
+    """``like``'s voxels on an axis-aligned LPS grid (no rotation: the separable code path)."""
+    geometry = Geometry.from_itk(
+        shape=like.geometry.shape, spacing=(2.1, 2.1, 3.6), origin=(5, -3, 7), direction=np.eye(3)
+    )
+    return Volume(like.array, geometry, source="lps.nii.gz")
+
+
+@pytest.mark.parametrize(
+    ("grid", "classes"), [("oblique", "smooth"), ("axis-aligned", "smooth"), ("axis-aligned", "noisy")]
+)
+def test_chunked_resampling_matches_monai_spatial_resample(phantom_ct: Volume, grid: str, classes: str) -> None:
+    """RAS network grid at another spacing: our chunks == MONAI's whole-volume resample (labels and probabilities)."""
+    volume = phantom_ct if grid == "oblique" else _lps_volume(phantom_ct)
+    mt = volume.to_metatensor().float()
     net_grid = Spacing(pixdim=(1.6, 1.7, 2.5), mode="bilinear")(Orientation(axcodes="RAS")(mt))
-    logits = _smooth_logits(tuple(net_grid.shape[1:]))
+    shape = tuple(net_grid.shape[1:])
+    # noisy: class boundaries everywhere, so chunks are interpolated in full rather than voxel by voxel
+    logits = (
+        _smooth_logits(shape)
+        if classes == "smooth"
+        else torch.randn((4, *shape), generator=torch.Generator().manual_seed(0))
+    )
     net_affine = np.asarray(net_grid.affine, dtype=np.float64)
     probs = MetaTensor(torch.softmax(logits, 0), affine=torch.as_tensor(net_affine))
     ref = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
-        probs, dst_affine=torch.as_tensor(np.array(phantom_ct.geometry.affine)), spatial_size=phantom_ct.geometry.shape
+        probs, dst_affine=torch.as_tensor(np.array(volume.geometry.affine)), spatial_size=volume.geometry.shape
     )
-    labels, ours = resample_to_grid(
-        logits,
-        net_affine=net_affine,
-        net_shape=tuple(net_grid.shape[1:]),
-        target=phantom_ct.geometry,
-        probabilities="float32",
-        chunk_bytes=2**20,  # many chunks
-    )
-    assert ours is not None and ours.shape == (4, *phantom_ct.geometry.shape)
+    ref_labels = np.argmax(np.asarray(ref), axis=0)
+    kwargs = {"net_affine": net_affine, "net_shape": tuple(net_grid.shape[1:]), "target": volume.geometry}
+    labels, ours = resample_to_grid(logits, probabilities="float32", chunk_bytes=2**20, **kwargs)  # many chunks
+    assert ours is not None and ours.shape == (4, *volume.geometry.shape)
     assert np.abs(ours - np.asarray(ref)).max() < 1e-4
-    assert np.mean(labels == np.argmax(np.asarray(ref), axis=0)) > 0.9999
+    assert np.mean(labels == ref_labels) > 0.9999
+    # labels only: without rotation, only voxels between network voxels of different classes are interpolated
+    fast, none = resample_to_grid(logits, chunk_bytes=2**20, **kwargs)
+    assert none is None and np.mean(fast == ref_labels) > 0.9999 and len(np.unique(fast)) == 4
 
 
-def test_logits_of_a_box_equal_full_logits_with_background_outside(phantom_ct: Volume) -> None:
-    mt = phantom_ct.to_metatensor().float()
+@pytest.mark.parametrize("grid", ["oblique", "axis-aligned"])
+def test_logits_of_a_box_equal_full_logits_with_background_outside(phantom_ct: Volume, grid: str) -> None:
+    volume = phantom_ct if grid == "oblique" else _lps_volume(phantom_ct)
+    mt = volume.to_metatensor().float()
     net_grid = Spacing(pixdim=(2.5, 2.5, 3.0), mode="bilinear")(Orientation(axcodes="RAS")(mt))
     shape = tuple(net_grid.shape[1:])
     full = _smooth_logits(shape)
@@ -184,13 +202,14 @@ def test_logits_of_a_box_equal_full_logits_with_background_outside(phantom_ct: V
     full_bg = torch.full_like(full, -30.0)
     full_bg[0] = 30.0
     full_bg[(slice(None), *box)] = full[(slice(None), *box)]
-    kwargs = {"net_affine": np.asarray(net_grid.affine), "net_shape": shape, "target": phantom_ct.geometry}
+    kwargs = {"net_affine": np.asarray(net_grid.affine), "net_shape": shape, "target": volume.geometry}
     ref, ref_p = resample_to_grid(full_bg, probabilities="float32", **kwargs)
-    got, got_p = resample_to_grid(
-        full[(slice(None), *box)].clone(), offset=(10, 5, 3), probabilities="float32", **kwargs
-    )
+    inner = full[(slice(None), *box)].clone()
+    got, got_p = resample_to_grid(inner, offset=(10, 5, 3), probabilities="float32", **kwargs)
     assert np.array_equal(got, ref)
     assert ref_p is not None and got_p is not None and np.abs(got_p - ref_p).max() < 1e-5
+    fast, _ = resample_to_grid(inner.half(), offset=(10, 5, 3), chunk_bytes=2**20, **kwargs)  # labels only
+    assert np.mean(fast == ref) > 0.9999 and 0.1 < np.mean(fast == 0) < 0.9
 
 
 def test_same_voxels_in_another_axis_order_are_reindexed_not_interpolated(model_dir: Path) -> None:

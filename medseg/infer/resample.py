@@ -32,6 +32,10 @@ __all__ = ["IndexMap", "index_map", "resample_image", "resample_to_grid"]
 #: Budget for one chunk's float32 temporaries (probabilities, sampling grid, logits block).
 CHUNK_BYTES = 192 * 2**20
 
+#: Above this share of target voxels between network voxels of different classes, a chunk is
+#: interpolated in full (``grid_sample``) instead of voxel by voxel.
+DENSE_MIXED_FRACTION = 0.2
+
 
 @dataclass(frozen=True)
 class IndexMap:
@@ -279,6 +283,39 @@ def resample_to_grid(
     return labels, probs_out
 
 
+def _logit_block(logits: torch.Tensor, offset: tuple[int, int, int], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+    """Logits ``(K, *(hi - lo))`` on network voxels ``[lo, hi)``; outside ``logits`` background (0 vs -1e4)."""
+    start = np.asarray(lo) - np.asarray(offset)
+    stop = np.asarray(hi) - np.asarray(offset)
+    if np.all(start >= 0) and np.all(stop <= np.asarray(logits.shape[1:])):
+        return logits[:, start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]].contiguous()
+    block = torch.full((int(logits.shape[0]), *(int(v) for v in np.asarray(hi) - np.asarray(lo))), -1e4)
+    block[0] = 0.0
+    box_lo = np.maximum(lo, offset)
+    box_hi = np.minimum(hi, np.asarray(offset) + np.asarray(logits.shape[1:]))
+    if np.all(box_hi > box_lo):
+        src = [slice(int(a - o), int(b - o)) for a, b, o in zip(box_lo, box_hi, offset, strict=True)]
+        dst = [slice(int(a - b0), int(b - b0)) for a, b, b0 in zip(box_lo, box_hi, lo, strict=True)]
+        block[:, dst[0], dst[1], dst[2]] = logits[:, src[0], src[1], src[2]].float()
+    return block
+
+
+def _separable_grid(
+    coords: Sequence[np.ndarray], axes: tuple[int, int, int], lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """``grid_sample`` grid ``(1, *shape, 3)`` from per-target-axis source coordinates (no rotation)."""
+    parts: list[torch.Tensor] = [torch.empty(0)] * 3
+    for t in range(3):
+        a = axes[t]
+        extent = int(hi[a] - lo[a])
+        rel = coords[t] - lo[a]
+        norm = 2.0 * rel / (extent - 1) - 1.0 if extent > 1 else np.zeros_like(rel)
+        view = [1, 1, 1]
+        view[t] = -1
+        parts[a] = torch.from_numpy(norm.astype(np.float32)).reshape(view).expand(shape)
+    return torch.stack([parts[2], parts[1], parts[0]], dim=-1)[None]  # (x=W, y=H, z=D) = network (Z, Y, X)
+
+
 def _labels_separable(
     logits: torch.Tensor,
     offset: tuple[int, int, int],
@@ -292,7 +329,8 @@ def _labels_separable(
 
     A target voxel whose eight surrounding network voxels share one argmax class gets that
     class: a convex combination of probability vectors that all peak at class ``c`` peaks
-    at ``c``.  Only the other voxels (near class boundaries) are interpolated in full.
+    at ``c``.  Only the other voxels (near class boundaries) get the full interpolation of
+    the softmax probabilities.
     """
     k = int(logits.shape[0])
     labels = np.zeros(target_shape, dtype=label_dtype(k - 1))
@@ -311,8 +349,9 @@ def _labels_separable(
         for t in range(3):
             lo[axes[t]] = math.floor(float(coords[t].min()))
             hi[axes[t]] = min(int(size[axes[t]]), math.floor(float(coords[t].max())) + 2)
-        probs = _probability_block(logits, offset, lo, hi).permute(0, 1 + axes[0], 1 + axes[1], 1 + axes[2])
-        block_labels = class_argmax(probs).to(torch.uint8 if k <= 256 else torch.int32).contiguous()
+        block = _logit_block(logits, offset, lo, hi)  # (K, network axes), contiguous
+        block_labels = class_argmax(block).to(torch.uint8 if k <= 256 else torch.int32)
+        block_labels = block_labels.permute(axes[0], axes[1], axes[2]).contiguous()  # target axis order
         left, right, frac = [], [], []
         for t in range(3):
             extent = int(hi[axes[t]] - lo[axes[t]])
@@ -325,21 +364,33 @@ def _labels_separable(
         corners = [block_labels]
         for t in range(3):
             corners = [c.index_select(t, idx) for c in corners for idx in (left[t], right[t])]
-        chunk = corners[0]
+        chunk = corners[0].contiguous()
         mixed = torch.zeros(chunk.shape, dtype=torch.bool)
         for other in corners[1:]:
             mixed |= other != chunk
+        del corners
+        if mixed.float().mean() > DENSE_MIXED_FRACTION:  # class boundaries everywhere: interpolate all voxels
+            probs = torch.softmax(block.float(), dim=0)[None]
+            grid = _separable_grid(coords, axes, lo, hi, tuple(chunk.shape))
+            sampled = F.grid_sample(probs, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+            labels[x0:x1] = class_argmax(sampled).numpy().astype(labels.dtype, copy=False)
+            continue
         where = mixed.nonzero()
         if where.numel():
-            chunk = chunk.clone()
+            flat_block = block.reshape(k, -1)
+            spatial = block.shape[1:]
+            strides = [spatial[1] * spatial[2], spatial[2], 1]  # of the network axes in the block
+            ends = [(left[t][where[:, t]], right[t][where[:, t]], frac[t][where[:, t]]) for t in range(3)]
             total = torch.zeros((k, where.shape[0]), dtype=torch.float32)
             for bits in itertools.product((0, 1), repeat=3):
-                index, weight = [], torch.ones(where.shape[0], dtype=torch.float32)
+                flat = torch.zeros(where.shape[0], dtype=torch.int64)
+                weight = torch.ones(where.shape[0], dtype=torch.float32)
                 for t, bit in enumerate(bits):
-                    pos = where[:, t]
-                    index.append((right[t] if bit else left[t])[pos])
-                    weight = weight * (frac[t][pos] if bit else 1 - frac[t][pos])
-                total += probs[:, index[0], index[1], index[2]] * weight
+                    i0, i1, f = ends[t]
+                    flat += (i1 if bit else i0) * strides[axes[t]]
+                    weight *= f if bit else 1 - f
+                corner = torch.softmax(flat_block.index_select(1, flat).float(), dim=0)
+                total.addcmul_(corner, weight[None])
             chunk[where[:, 0], where[:, 1], where[:, 2]] = class_argmax(total).to(chunk.dtype)
         labels[x0:x1] = chunk.numpy()
     return labels
