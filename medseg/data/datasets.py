@@ -498,31 +498,9 @@ def read_label(path: PathLike) -> Volume:
     Raises:
         InputError: Unreadable, non-integer or negative values, more than one channel.
     """
-    from medseg.errors import InputError
-    from medseg.io.volume import label_dtype
-
-    path = Path(path)
-    volume = load_volume(path, kind="label")
-    if volume.kind == "label" and np.issubdtype(volume.array.dtype, np.integer):
-        return volume
-    array = np.asarray(volume.array)
-    if array.shape[0] != 1:
-        raise InputError(path, f"a label volume must have one channel, got {array.shape[0]}")
-    if np.issubdtype(array.dtype, np.floating):
-        rounded = np.rint(array)
-        if not np.array_equal(rounded, array):
-            raise InputError(path, "label volume contains non-integer values")
-        array = rounded
-    if array.size and array.min() < 0:
-        raise InputError(path, f"label volume contains negative values (min {array.min()})")
-    top = int(array.max()) if array.size else 0
-    return Volume(
-        array=array.astype(label_dtype(top)),
-        geometry=volume.geometry,
-        kind="label",
-        source=volume.source,
-        meta=dict(volume.meta),
-    )
+    # load_volume(kind="label") checks integrality, sign and channels for files and DICOM series alike
+    # (medseg.io.images._as_labels) and stores the smallest unsigned dtype.
+    return load_volume(Path(path), kind="label")
 
 
 @dataclass
