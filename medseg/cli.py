@@ -7,11 +7,10 @@ Errors are printed as one line naming the file and the reason (exit code 2); add
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from medseg.errors import MedsegError
+from medseg.errors import run_reporting_errors
 
 __all__ = ["build_parser", "main"]
 
@@ -87,16 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except MedsegError as exc:
-        if args.debug:
-            raise
-        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: args.func(args), command=f"medseg {args.command}", debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ can print it without a traceback.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ModelError",
     "OutputExistsError",
     "reraise_medseg",
+    "run_reporting_errors",
 ]
 
 
@@ -77,3 +79,26 @@ def reraise_medseg() -> Iterator[None]:
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
         raise
+
+
+def run_reporting_errors(handler: Callable[[], int], *, command: str, debug: bool = False) -> int:
+    """Run a command-line handler, turning user-facing failures into one line and an exit code.
+
+    Args:
+        handler: The subcommand; returns its exit code.
+        command: Name shown in the message (``"medseg predict"``).
+        debug: Re-raise :class:`MedsegError` (traceback) instead of printing it.
+
+    Returns:
+        The handler's exit code; 2 after a :class:`MedsegError`, 130 after Ctrl-C.
+    """
+    try:
+        return int(handler())
+    except MedsegError as exc:
+        if debug:
+            raise
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

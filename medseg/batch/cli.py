@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from medseg.errors import MedsegError
+from medseg.errors import run_reporting_errors
 
 __all__ = ["add_batch_parser", "main", "print_summary"]
 
@@ -151,13 +151,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return _cmd_batch(args)
-    except MedsegError as exc:
-        if args.debug:
-            raise
-        print(f"medseg batch: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: _cmd_batch(args), command="medseg batch", debug=args.debug)

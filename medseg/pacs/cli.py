@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from medseg.errors import MedsegError
+from medseg.errors import run_reporting_errors
 
 __all__ = ["add_listen_parser", "add_pacs_parser", "main"]
 
@@ -348,13 +348,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("query", "run", "store", "echo"):
         argv = ["pacs", *argv]
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except MedsegError as exc:
-        if args.debug:
-            raise
-        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: args.func(args), command=f"medseg {args.command}", debug=args.debug)
