@@ -197,18 +197,21 @@ def _methods(
         except ImportError as exc:
             print(f"nnU-Net v2 not importable from {nnunet_site}: {exc}", file=sys.stderr)
 
-    def ours(dtype: torch.dtype | None, channels_last: bool, batch: int) -> Callable[[torch.Tensor], np.ndarray]:
+    def ours(
+        dtype: torch.dtype | None, channels_last: bool, batch: int, *, cast: bool = True
+    ) -> Callable[[torch.Tensor], np.ndarray]:
         def run(x: torch.Tensor) -> np.ndarray:
-            wp = WindowPredictor(net, autocast_dtype=dtype, channels_last=channels_last, batch_size=batch)
+            wp = WindowPredictor(net, dtype=dtype, channels_last=channels_last, batch_size=batch, cast_weights=cast)
             return _medseg_argmax(x[0], wp, roi, batch)
 
         return run
 
     methods["medseg_fp32"] = ours(None, False, 1)
     methods["medseg_fp32_cl"] = ours(None, True, 1)
-    methods["medseg_bf16"] = ours(torch.bfloat16, False, 1)
-    methods["medseg_bf16_b2"] = ours(torch.bfloat16, False, 2)
-    methods["medseg_bf16_cl"] = ours(torch.bfloat16, True, 1)
+    methods["medseg_bf16_autocast"] = ours(torch.bfloat16, False, 1, cast=False)
+    methods["medseg_bf16_weights"] = ours(torch.bfloat16, False, 1)
+    methods["medseg_bf16_weights_cl"] = ours(torch.bfloat16, True, 1)
+    methods["medseg_bf16_weights_cl_b2"] = ours(torch.bfloat16, True, 2)
     return methods
 
 
@@ -225,7 +228,7 @@ def _network_grid_image(model: Path, volume: Volume) -> torch.Tensor:
 
 
 def _predictor_run(model: Path, volume: Volume, *, crop: str) -> Callable[[], np.ndarray]:
-    predictor = Predictor(model, infer=InferConfig(body_crop=crop, sw_batch_size=1))
+    predictor = Predictor(model, infer=InferConfig(body_crop=crop))
 
     def run() -> np.ndarray:
         return predictor.predict(volume).array[0]
@@ -311,9 +314,17 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
     if not images:
         raise SystemExit("no held-out phantoms in sample_data/Dataset001_CTPhantom/imagesTs")
     methods = _methods(model.network.eval(), roi, classes, args.nnunet_site)
-    methods = {k: methods[k] for k in ("monai_fp32", "nnunet_fp32", "medseg_fp32", "medseg_bf16") if k in methods}
+    keep = (
+        "monai_fp32",
+        "nnunet_fp32",
+        "medseg_fp32",
+        "medseg_bf16_autocast",
+        "medseg_bf16_weights",
+        "medseg_bf16_weights_cl",
+    )
+    methods = {k: methods[k] for k in keep if k in methods}
     e2e_modes = {  # bf16 autocast (precision auto on this CPU) with each body-crop mode
-        crop: Predictor(args.model, infer=InferConfig(body_crop=crop, sw_batch_size=1)) for crop in ("windows", "box")
+        crop: Predictor(args.model, infer=InferConfig(body_crop=crop)) for crop in ("windows", "box")
     }
     prep = Predictor(args.model, infer=InferConfig(precision="fp32"))
     grid: dict[str, list[np.ndarray]] = {name: [] for name in methods}
@@ -396,7 +407,7 @@ def memory_one(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     array = rng.integers(-1000, 1000, size=(1, *shape), dtype=np.int16)
     volume = Volume(array, Geometry(shape=shape, affine=np.diag([0.8, 0.8, 1.0, 1.0])), source="big")
-    predictor = Predictor(model, infer=InferConfig(body_crop="none", sw_batch_size=1))
+    predictor = Predictor(model, infer=InferConfig(body_crop="none"))
     before = _rss_gib()
     _reset_peak()
     t0 = time.perf_counter()
@@ -424,16 +435,13 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         ct = _phantom_ct((512, 512, 300), (0.8, 0.8, 1.5))
         series = write_ct_dicom_series(ct, work / "dicom" / "ct512", case_id="ct512")
         del ct
-        models = {
-            "demo model (trained, U-Net 16-128, 4 classes, 64x64x32 windows)": args.model,
-            f"U-Net 16-256, random weights, {args.e2e_classes} classes, 96^3 windows, 1.5 mm": _model_dir(
-                work / "model", classes=args.e2e_classes, network=BIG_UNET, spacing=(1.5, 1.5, 1.5)
-            ),
-        }
+        models = {"demo model (trained, U-Net 16-128, 4 classes, 64x64x32 windows, 2.1x2.1x3.3 mm)": args.model}
+        if args.big_model is not None:
+            models["U-Net 16-256 (trained 300 it), 4 classes, 96^3 windows, 1.5 mm"] = args.big_model
         rows = []
         for index, (name, model) in enumerate(models.items()):
             plan = load_model(model).plan
-            predictor = Predictor(model, infer=InferConfig(sw_batch_size=1))
+            predictor = Predictor(model, infer=InferConfig())
             t0 = time.perf_counter()
             (record,) = predict_to_folder(predictor, [series], work / f"out{index}", progress=False)
             total = time.perf_counter() - t0
@@ -465,7 +473,12 @@ def main() -> None:
     parser.add_argument("--nnunet-site", default="/tmp/nnunet-venv/lib/python3.11/site-packages")
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spacing", type=float, nargs=3, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--e2e-classes", type=int, default=14)
+    parser.add_argument(
+        "--big-model",
+        type=Path,
+        default=None,
+        help="e2e: also a trained 16-256 U-Net at 1.5 mm (benchmarks/configs/unet256_1p5mm.yaml)",
+    )
     args = parser.parse_args()
     if args.nnunet_site and not Path(args.nnunet_site).is_dir():
         args.nnunet_site = None

@@ -28,8 +28,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_convert(sub: Any) -> None:
     """``convert``: DICOM series / volumes -> NIfTI, plus annotations (RTSTRUCT, polygons, label -> RTSTRUCT)."""
-    from medseg.io.annotations import add_annotation_arguments, convert_annotation
-    from medseg.io.convert import add_convert_parser
+    from medseg.io.cli import add_annotation_arguments, add_convert_parser
 
     add_convert_parser(sub)
     parser = sub.choices["convert"]
@@ -37,6 +36,8 @@ def _add_convert(sub: Any) -> None:
     convert_series = parser.get_default("func")
 
     def run(args: argparse.Namespace) -> int:
+        from medseg.io.annotations import convert_annotation
+
         code = convert_annotation(args)
         return convert_series(args) if code is None else code
 
@@ -44,11 +45,16 @@ def _add_convert(sub: Any) -> None:
 
 
 def _register_stage_commands(sub: Any) -> None:
-    """Subcommands implemented next to their stage, in the order of the data flow."""
+    """Subcommands implemented next to their stage, in the order of the data flow.
+
+    The modules imported here only build parsers; each handler imports its stage (torch, MONAI,
+    pydicom, ...) when its subcommand runs, so ``medseg --help`` and ``medseg info`` start fast
+    (``tests/test_cli_startup.py`` guards this).
+    """
     from medseg.batch.cli import add_batch_parser
     from medseg.evaluate.cli import add_evaluate_parser
     from medseg.infer.cli import add_predict_parser
-    from medseg.io.info import add_info_parser
+    from medseg.io.cli import add_info_parser
     from medseg.pacs.cli import add_listen_parser, add_pacs_parser
     from medseg.train.cli import add_plan_parser, add_train_parser
 

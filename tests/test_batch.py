@@ -425,7 +425,10 @@ def test_sigkill_random_loop(tmp_path: Path, tiny_model: Path) -> None:
     kills = 0
     for attempt in range(8):
         proc = _run_cli(archive, tiny_model, out, "--workers", str(attempt % 3))
-        kills += _kill_after(proc, manifest, done_events=0, delay=rng.uniform(0.5, 12.0))
+        if attempt % 2:  # mid-series: shortly after the next completion
+            kills += _kill_after(proc, manifest, done_events=_done_events(manifest) + 1, delay=rng.uniform(0.0, 1.5))
+        else:  # at a random moment from start-up on (a run with nothing left to do now exits within ~1 s)
+            kills += _kill_after(proc, manifest, done_events=0, delay=rng.uniform(0.5, 6.0))
     assert kills >= 4
     proc = _run_cli(archive, tiny_model, out)
     _, stderr = proc.communicate(timeout=900)

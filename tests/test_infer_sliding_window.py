@@ -149,7 +149,7 @@ def test_out_of_memory_halves_the_window_batch(net: nn.Module) -> None:
         got = sliding_window_predict(x, wp, roi_size=ROI, sw_batch_size=4)
         ref = sliding_window_predict(x, WindowPredictor(net), roi_size=ROI)
     assert wp.batch_size == 1
-    assert flaky.batches[:3] == [4, 2, 1]
+    assert wp.networks[0].batches[:3] == [4, 2, 1]  # the predictor's prepared copy of ``flaky``
     assert torch.allclose(got, ref, atol=1e-6)
 
 
@@ -175,11 +175,11 @@ def test_gpu_out_of_memory_at_batch_one_falls_back_to_cpu(net: nn.Module, monkey
 
     monkeypatch.setattr(wp, "_forward_once", forward)
     wp.device = torch.device("cuda")
-    wp.autocast_dtype = torch.float16
+    wp.dtype = torch.float16
     x = torch.randn(3, 2, *ROI)
     out = wp(x)
     assert wp.batch_size == 1 and wp.device.type == "cpu" and placed == ["cpu"]
-    assert wp.autocast_dtype is None  # fp16 autocast does not exist on the CPU
+    assert wp.dtype is None  # fp16 autocast does not exist on the CPU
     with torch.inference_mode():
         assert torch.allclose(out, net(x), atol=1e-6)
 

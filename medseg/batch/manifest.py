@@ -40,11 +40,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.batch.sqlite import connect, create_schema, immediate_transaction
 from medseg.errors import MedsegError
 from medseg.types import PathLike
 
@@ -257,23 +258,12 @@ class Manifest:
         self.owner = owner or Owner.current()
         self._lock = threading.RLock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            mode = self._db.execute(f"PRAGMA journal_mode = {journal_mode}").fetchone()[0]
-            self.journal_mode = str(mode).upper()
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db = connect(self.path, busy_timeout_s=busy_timeout_s, journal_mode=journal_mode, foreign_keys=True)
+            self.journal_mode = str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).upper()
             with self._tx() as db:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-                if row is None:
-                    db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-                elif row[0] != SCHEMA_VERSION:
-                    raise MedsegError(f"{self.path}: manifest schema {row[0]} is not supported (need {SCHEMA_VERSION})")
+                found = create_schema(db, _SCHEMA, meta_table="meta", version=SCHEMA_VERSION)
+                if found != SCHEMA_VERSION:
+                    raise MedsegError(f"{self.path}: manifest schema {found} is not supported (need {SCHEMA_VERSION})")
         except sqlite3.DatabaseError as exc:
             raise MedsegError(f"{self.path}: cannot open the batch manifest ({exc})") from exc
 
@@ -289,17 +279,9 @@ class Manifest:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One write transaction holding the database's write lock from the start."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        return immediate_transaction(self._db, self._lock)
 
     def _event(self, db: sqlite3.Connection, key: str, event: str, detail: str = "") -> None:
         db.execute(

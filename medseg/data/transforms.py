@@ -76,7 +76,8 @@ def stack_channels(channels: Sequence[Volume], *, what: str = "image") -> Volume
             atol=GRID_ATOL,
             what=f"{what} channel 0 ({first.source}) and channel {index} ({other.source})",
         )
-    array = np.concatenate([np.asarray(c.array, dtype=np.float32) for c in channels], axis=0)
+    arrays = [np.asarray(c.array, dtype=np.float32) for c in channels]  # no copy for float32 input
+    array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
     return Volume(array=array, geometry=first.geometry, kind="image", source=first.source, meta=dict(first.meta))
 
 
@@ -126,20 +127,20 @@ def normalize_channel(values: torch.Tensor, norm: ChannelNorm) -> torch.Tensor:
         statistics; z-score with this image's mean/std (over the foreground = voxels above
         the minimum, background set to 0, when ``norm.region == "foreground"``); or unchanged.
     """
-    x = values.float()
+    x = values.to(torch.float32, copy=True)  # one new buffer, then in place: CT volumes are large
     if norm.scheme == "none":
         return x
     if norm.scheme == "ct":
         assert norm.clip is not None and norm.mean is not None and norm.std is not None
-        return (x.clamp(norm.clip[0], norm.clip[1]) - norm.mean) / norm.std
+        return x.clamp_(norm.clip[0], norm.clip[1]).sub_(norm.mean).div_(norm.std)
     if norm.region == "foreground":
         mask = x > x.min()
         if int(mask.sum()) >= 2:
             fg = x[mask].double()
             mean, std = float(fg.mean()), float(fg.std(correction=0))
-            return torch.where(mask, (x - mean) / max(std, 1e-8), torch.zeros_like(x))
+            return x.sub_(mean).div_(max(std, 1e-8)).masked_fill_(~mask, 0.0)
     mean, std = float(x.double().mean()), float(x.double().std(correction=0))
-    return (x - mean) / max(std, 1e-8)
+    return x.sub_(mean).div_(max(std, 1e-8))
 
 
 class NormalizeChannelsd(MapTransform):
@@ -157,7 +158,10 @@ class NormalizeChannelsd(MapTransform):
             if img.shape[0] != len(self.channels):
                 raise GeometryError(f"expected {len(self.channels)} channels, got {img.shape[0]}")
             plain = torch.as_tensor(img)
-            out = torch.cat([normalize_channel(plain[c : c + 1], n) for c, n in enumerate(self.channels)], dim=0)
+            if len(self.channels) == 1:
+                out = normalize_channel(plain, self.channels[0])
+            else:
+                out = torch.cat([normalize_channel(plain[c : c + 1], n) for c, n in enumerate(self.channels)], dim=0)
             if isinstance(img, MetaTensor):
                 d[key] = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
             else:

@@ -65,7 +65,10 @@ def add_predict_parser(subparsers: Any) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     g.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="autocast (auto: bf16 where native)"
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default=None,
+        help="auto (default): bf16 where native (bf16 weights on CPU, AMP on CUDA), else fp32",
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g = p.add_argument_group("post-processing (on the input grid, per class)")

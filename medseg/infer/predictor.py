@@ -3,7 +3,8 @@
 The input is preprocessed exactly as in training (orientation, spacing, normalisation
 from the plan); windows that do not touch the body's box are skipped; the networks (one model, or several
 folds/models ensembled) run window by window with Gaussian blending, optional mirroring
-and bf16 autocast on CPUs that have it (:mod:`medseg.infer.sliding_window`).  Blended
+and reduced precision where the hardware has it: bf16 weights in channels-last on CPUs with
+AVX-512 BF16/AMX, AMP on CUDA (:mod:`medseg.infer.sliding_window`, :mod:`medseg.infer.fastnet`).  Blended
 logits stream out slab by slab; they are either reduced to labels on the fly (when the
 input grid is the network grid up to flips/permutations) or kept in float16 and
 resampled onto the input grid chunk by chunk (:mod:`medseg.infer.resample`).  The label
@@ -140,7 +141,7 @@ class Predictor:
         self.windows = WindowPredictor(
             [m.network for m in self.models],
             device=self.device,
-            autocast_dtype=self.dtype,
+            dtype=self.dtype,
             mirror_axes=self.infer.mirror_axes,
             channels_last=self.channels_last,
             batch_size=self.infer.sw_batch_size,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from medseg.infer.sliding_window import class_argmax
 from medseg.io import Geometry, label_dtype
+from medseg.io.grid import signed_permutation
 
 __all__ = ["IndexMap", "index_map", "resample_image", "resample_to_grid"]
 
@@ -90,16 +91,11 @@ def index_map(target: Geometry, net_affine: np.ndarray, *, atol: float = 1e-4) -
         atol: Tolerance in voxels.
     """
     m = _voxel_map(target, net_affine)
-    linear, shift = m[:3, :3], m[:3, 3]
-    rounded = np.rint(linear)
-    if not np.allclose(linear, rounded, atol=atol) or not np.allclose(shift, np.rint(shift), atol=atol):
+    perm = signed_permutation(m[:3, :3], atol=atol)
+    shift = m[:3, 3]
+    if perm is None or not np.allclose(shift, np.rint(shift), atol=atol):
         return None
-    if not np.array_equal(np.abs(rounded).sum(axis=0), np.ones(3)) or not np.array_equal(
-        np.abs(rounded).sum(axis=1), np.ones(3)
-    ):
-        return None
-    axes = tuple(int(np.flatnonzero(rounded[:, t])[0]) for t in range(3))
-    signs = tuple(int(rounded[axes[t], t]) for t in range(3))
+    axes, signs = perm
     offsets = tuple(int(np.rint(shift[axes[t]])) for t in range(3))
     return IndexMap(axes=axes, signs=signs, offsets=offsets)  # type: ignore[arg-type]
 
@@ -217,20 +213,133 @@ def resample_image(
     c = int(image.shape[0])
     out = torch.empty((c, *(int(s) for s in target_shape)), dtype=torch.float32)
     voxel_map = np.linalg.inv(np.asarray(source_affine, dtype=np.float64)) @ np.asarray(target_affine, np.float64)
+    # Chunk along the target axis that runs along the source's slowest memory axis, so that each
+    # chunk reads a compact slab of the source (DICOM/NIfTI arrays are Fortran-ordered).
+    slowest = max(range(3), key=lambda a: image.stride(a + 1))
+    first = int(np.argmax(np.abs(voxel_map[slowest, :3])))
+    order = [first, *(t for t in range(3) if t != first)]
+    perm_map = voxel_map.copy()
+    perm_map[:, :3] = voxel_map[:, order]
+    out_view = out.permute(0, *(1 + t for t in order))
 
     def block(lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
         return image[:, int(lo[0]) : int(hi[0]), int(lo[1]) : int(hi[1]), int(lo[2]) : int(hi[2])].float()
 
+    axes = _separable_axes(perm_map)
+    if axes is not None and _separable_pays(perm_map, axes, tuple(image.shape[1:]), tuple(out_view.shape[1:])):
+        _resample_separable(
+            block, out_view, voxel_map=perm_map, axes=axes, source_shape=tuple(image.shape[1:]), chunk_bytes=chunk_bytes
+        )
+        return out
     for x0, x1, samples in _sample_chunks(
         block,
-        voxel_map=voxel_map,
+        voxel_map=perm_map,
         source_shape=tuple(image.shape[1:]),
-        target_shape=target_shape,
+        target_shape=tuple(int(target_shape[t]) for t in order),
         bytes_per_voxel=4 * (2 * c + 3),
         chunk_bytes=chunk_bytes,
     ):
-        out[:, x0:x1] = samples
+        out_view[:, x0:x1] = samples
     return out
+
+
+#: Measured cost ratio (``benchmarks/bench_inference.py e2e``, 2-core CPU): a trilinear
+#: ``grid_sample`` output voxel costs about as much as this many elements of a 1D linear pass.
+GRID_SAMPLE_COST = 6.0
+
+
+def _separable_pays(
+    voxel_map: np.ndarray, axes: tuple[int, int, int], source_shape: Sequence[int], target_shape: Sequence[int]
+) -> bool:
+    """Whether three 1D passes touch fewer elements than ``GRID_SAMPLE_COST`` x the target voxels.
+
+    The passes run along target axis 0 first (the chunk axis), then the shrinking axes; an
+    axis whose target voxels fall on source voxels costs nothing.
+    """
+    shape = [int(source_shape[axes[t]]) for t in range(3)]  # current extent per target axis
+    work = 0
+    order = [0, *sorted(range(1, 3), key=lambda t: target_shape[t] / shape[t])]
+    for t in order:
+        scale, shift = voxel_map[axes[t], t], voxel_map[axes[t], 3]
+        identity = abs(abs(scale) - 1.0) < 1e-9 and abs(shift - round(shift)) < 1e-9
+        shape[t] = int(target_shape[t])
+        if not identity:
+            work += math.prod(shape)
+    return work < GRID_SAMPLE_COST * math.prod(int(n) for n in target_shape)
+
+
+def _take(values: torch.Tensor, dim: int, index: np.ndarray) -> torch.Tensor:
+    """``values.index_select(dim, index)``, by numpy's take when ``dim`` is innermost in memory (faster)."""
+    if values.stride(dim) == 1 and values.dtype == torch.float32:
+        return torch.from_numpy(np.take(values.numpy(), index, axis=dim))
+    return values.index_select(dim, torch.from_numpy(index))
+
+
+def _linear_along(values: torch.Tensor, dim: int, coords: np.ndarray) -> torch.Tensor:
+    """Linear interpolation of ``values`` along ``dim`` at block-relative positions ``coords`` (clamped ends)."""
+    extent = int(values.shape[dim])
+    i0 = np.clip(np.floor(coords), 0, extent - 1).astype(np.int64)
+    frac = (coords - i0).astype(np.float32)
+    if not frac.any() and i0[0] == 0 and len(i0) == extent and np.array_equal(i0, np.arange(extent)):
+        return values  # the grid is the block along this axis
+    i1 = np.minimum(i0 + 1, extent - 1)
+    left = _take(values, dim, i0)
+    if not frac.any():
+        return left
+    right = _take(values, dim, i1)
+    shape = [1] * values.ndim
+    shape[dim] = -1
+    return torch.lerp(left, right, torch.from_numpy(frac).reshape(shape))
+
+
+def _resample_separable(
+    block_fn: Callable[[np.ndarray, np.ndarray], torch.Tensor],
+    out: torch.Tensor,
+    *,
+    voxel_map: np.ndarray,
+    axes: tuple[int, int, int],
+    source_shape: Sequence[int],
+    chunk_bytes: int,
+) -> None:
+    """Trilinear resampling without rotation as three 1D linear passes, chunk by chunk along target axis 0.
+
+    Trilinear interpolation is the tensor product of 1D linear interpolations, so for maps
+    without rotation or shear (target axis ``t`` runs along source axis ``axes[t]``) it is
+    computed axis by axis, shrinking axes first; an axis whose samples fall on the source
+    voxels is not interpolated at all.  Equal to ``grid_sample(..., align_corners=True,
+    padding_mode="border")`` up to float rounding.
+
+    Args:
+        block_fn: ``(lo, hi) -> (C, *(hi - lo))`` float32 block of the source (source axis order).
+        out: ``(C, X', Y', Z')`` output (a view in target axis order) to fill.
+        voxel_map: ``(4, 4)`` target voxel index -> source voxel index.
+        axes: Source axis of each target axis.
+        source_shape: Spatial shape of the source.
+        chunk_bytes: Budget for one chunk's temporaries.
+    """
+    size = np.asarray(source_shape, dtype=np.float64)
+    target_shape = tuple(int(n) for n in out.shape[1:])
+    coords = [
+        np.clip(voxel_map[axes[t], t] * np.arange(target_shape[t]) + voxel_map[axes[t], 3], 0, size[axes[t]] - 1)
+        for t in range(3)
+    ]
+    c = int(out.shape[0])
+    plane = max(target_shape[1] * target_shape[2], int(size[axes[1]] * size[axes[2]]))
+    scale = max(1.0, float(size[axes[0]]) / max(1, target_shape[0]))  # source planes per target plane
+    step = max(1, min(target_shape[0], int(chunk_bytes // max(1.0, 4 * c * 3 * plane * scale))))
+    order = sorted(range(1, 3), key=lambda t: target_shape[t] / size[axes[t]])  # shrinking axes first
+    for x0 in range(0, target_shape[0], step):
+        x1 = min(target_shape[0], x0 + step)
+        chunk_coords = [coords[0][x0:x1], coords[1], coords[2]]
+        lo = np.zeros(3, dtype=np.int64)
+        hi = np.zeros(3, dtype=np.int64)
+        for t in range(3):
+            lo[axes[t]] = math.floor(float(chunk_coords[t].min()))
+            hi[axes[t]] = min(int(size[axes[t]]), math.floor(float(chunk_coords[t].max())) + 2)
+        values = block_fn(lo, hi).permute(0, 1 + axes[0], 1 + axes[1], 1 + axes[2])  # target axis order
+        for t in (0, *order):
+            values = _linear_along(values, t + 1, chunk_coords[t] - lo[axes[t]])
+        out[:, x0:x1] = values
 
 
 def resample_to_grid(
@@ -316,6 +425,36 @@ def _separable_grid(
     return torch.stack([parts[2], parts[1], parts[0]], dim=-1)[None]  # (x=W, y=H, z=D) = network (Z, Y, X)
 
 
+def _mixed_code(k: int) -> int:
+    """Cell code of :func:`_cell_labels` for cells whose corners disagree (never a class index)."""
+    return 255 if k < 255 else -1
+
+
+def _cell_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per network cell ``[i, i+1]^3``: the class of its 8 corner voxels if they agree, else :func:`_mixed_code`.
+
+    Args:
+        labels: ``(X, Y, Z)`` int64 class indices on the network grid (a block of it).
+        k: Number of classes.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 (``k < 255``) or int32 codes; the cell of the last voxel along an
+        axis repeats that voxel (border padding, as the interpolation clamps there).
+    """
+    dtype = torch.uint8 if k < 255 else torch.int32
+    codes = labels.to(dtype)
+    top = low = codes
+    for dim in range(3):  # separable 2-voxel max and min, the last voxel repeated (border)
+        n = int(codes.shape[dim])
+        top = torch.cat([top, top.narrow(dim, n - 1, 1)], dim=dim)
+        low = torch.cat([low, low.narrow(dim, n - 1, 1)], dim=dim)
+        top = torch.maximum(top.narrow(dim, 0, n), top.narrow(dim, 1, n))
+        low = torch.minimum(low.narrow(dim, 0, n), low.narrow(dim, 1, n))
+    codes = codes.clone()
+    codes[top != low] = _mixed_code(k)
+    return codes
+
+
 def _labels_separable(
     logits: torch.Tensor,
     offset: tuple[int, int, int],
@@ -350,8 +489,6 @@ def _labels_separable(
             lo[axes[t]] = math.floor(float(coords[t].min()))
             hi[axes[t]] = min(int(size[axes[t]]), math.floor(float(coords[t].max())) + 2)
         block = _logit_block(logits, offset, lo, hi)  # (K, network axes), contiguous
-        block_labels = class_argmax(block).to(torch.uint8 if k <= 256 else torch.int32)
-        block_labels = block_labels.permute(axes[0], axes[1], axes[2]).contiguous()  # target axis order
         left, right, frac = [], [], []
         for t in range(3):
             extent = int(hi[axes[t]] - lo[axes[t]])
@@ -360,15 +497,13 @@ def _labels_separable(
             left.append(torch.from_numpy(i0))
             right.append(torch.from_numpy(np.minimum(i0 + 1, extent - 1)))
             frac.append(torch.from_numpy((rel - i0).astype(np.float32)))
-        # labels of the 8 surrounding network voxels of every target voxel, (x1 - x0, Y, Z) each
-        corners = [block_labels]
-        for t in range(3):
-            corners = [c.index_select(t, idx) for c in corners for idx in (left[t], right[t])]
-        chunk = corners[0].contiguous()
-        mixed = torch.zeros(chunk.shape, dtype=torch.bool)
-        for other in corners[1:]:
-            mixed |= other != chunk
-        del corners
+        # label of every network cell whose 8 corners agree, else MIXED; then one gather per axis
+        cells = _cell_labels(class_argmax(block), k).permute(axes[0], axes[1], axes[2])  # target axis order
+        gathered = cells.contiguous().numpy()
+        for t in range(3):  # numpy's take is several times faster than index_select along the last axis
+            gathered = np.take(gathered, left[t].numpy(), axis=t)
+        chunk = torch.from_numpy(gathered)
+        mixed = chunk == _mixed_code(k)
         if mixed.float().mean() > DENSE_MIXED_FRACTION:  # class boundaries everywhere: interpolate all voxels
             probs = torch.softmax(block.float(), dim=0)[None]
             grid = _separable_grid(coords, axes, lo, hi, tuple(chunk.shape))

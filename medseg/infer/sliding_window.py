@@ -37,6 +37,8 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from torch import nn
 from tqdm.auto import tqdm
 
+from medseg.infer.fastnet import prepare_network
+
 __all__ = [
     "BlendMode",
     "LogitSlab",
@@ -175,16 +177,23 @@ def choose_stitch_device(
 
 # ---------------------------------------------------------------------- window predictor
 class WindowPredictor:
-    """Logits of a batch of windows: networks x mirrorings averaged, autocast, OOM fallback.
+    """Logits of a batch of windows: networks x mirrorings averaged, reduced precision, OOM fallback.
+
+    Reduced precision runs one of two ways.  With ``cast_weights`` (the default on the CPU) the
+    networks are copied with bf16 weights (:func:`medseg.infer.fastnet.prepare_network`) and
+    fed bf16 windows: no per-call conversions, measured faster than autocast on AMX / AVX-512
+    BF16 CPUs.  Otherwise (the default on CUDA) the float32 networks run under autocast (AMP).
 
     Args:
         networks: One network (or several, ensembled by averaging logits), each mapping
-            ``(n, C, x, y, z)`` to ``(n, K, x, y, z)``.  They are moved to ``device``.
+            ``(n, C, x, y, z)`` to ``(n, K, x, y, z)``.  They are not modified; the predictor
+            keeps prepared copies on ``device``.
         device: Where the networks run.
-        autocast_dtype: ``torch.bfloat16`` / ``torch.float16`` for autocast, ``None`` for fp32.
+        dtype: ``torch.bfloat16`` / ``torch.float16`` for reduced precision, ``None`` for fp32.
         mirror_axes: Spatial axes (0, 1, 2) to mirror; every subset is averaged.
-        channels_last: Run the convolutions in the channels-last-3d memory format.
+        channels_last: Run the networks in the channels-last-3d memory format.
         batch_size: Windows per forward pass; halved automatically on out-of-memory.
+        cast_weights: Cast the weights to ``dtype`` instead of using autocast; default: on the CPU.
     """
 
     def __init__(
@@ -192,31 +201,53 @@ class WindowPredictor:
         networks: nn.Module | Sequence[nn.Module],
         *,
         device: torch.device | str = "cpu",
-        autocast_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         mirror_axes: Sequence[int] = (),
         channels_last: bool = False,
         batch_size: int = 1,
+        cast_weights: bool | None = None,
     ) -> None:
-        self.networks = [networks] if isinstance(networks, nn.Module) else list(networks)
-        if not self.networks:
+        self.originals = [networks] if isinstance(networks, nn.Module) else list(networks)
+        if not self.originals:
             raise ValueError("need at least one network")
         if any(a not in (0, 1, 2) for a in mirror_axes):
             raise ValueError(f"mirror_axes are spatial axes 0, 1, 2, got {tuple(mirror_axes)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.autocast_dtype = autocast_dtype
+        self.dtype = dtype
         self.flips = mirror_combinations(sorted(set(mirror_axes)))
         self.channels_last = channels_last
         self.batch_size = batch_size
+        self._cast_weights_option = cast_weights
         self.seconds = 0.0  # time spent in forward passes
         self.calls = 0  # windows predicted
+        self.networks: list[nn.Module] = []
         self._place_networks()
 
+    @property
+    def cast_weights(self) -> bool:
+        """Whether the networks hold ``dtype`` weights (else fp32 weights, autocast when ``dtype`` is set)."""
+        if self.dtype is None:
+            return False
+        if self._cast_weights_option is not None:
+            return self._cast_weights_option
+        return self.device.type == "cpu"
+
     def _place_networks(self) -> None:
-        fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
-        for net in self.networks:
-            net.to(device=self.device, memory_format=fmt).eval()  # type: ignore[call-overload]
+        weights = self.dtype if self.cast_weights and self.dtype is not None else torch.float32
+        self.networks = [
+            prepare_network(net, device=self.device, dtype=weights, channels_last=self.channels_last)
+            for net in self.originals
+        ]
+
+    def _run(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.dtype is None:
+            return net(x)
+        if self.cast_weights:
+            return net(x.to(self.dtype))
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+            return net(x)
 
     def _forward_once(self, windows: torch.Tensor) -> torch.Tensor:
         windows = windows.to(self.device, non_blocking=True)
@@ -226,11 +257,7 @@ class WindowPredictor:
                 x = torch.flip(windows, flip) if flip else windows
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last_3d)
-                if self.autocast_dtype is None:
-                    out = net(x)
-                else:
-                    with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                        out = net(x)
+                out = self._run(net, x)
                 out = torch.flip(out, flip) if flip else out
                 out = out.float()
                 total = out if total is None else total.add_(out)
@@ -241,8 +268,8 @@ class WindowPredictor:
     def _fall_back_to_cpu(self) -> None:
         log.warning("out of memory on %s with one window per batch: running the networks on the CPU", self.device)
         self.device = torch.device("cpu")
-        if self.autocast_dtype is torch.float16:
-            self.autocast_dtype = None
+        if self.dtype is torch.float16:
+            self.dtype = None
         self._place_networks()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

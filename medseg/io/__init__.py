@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from medseg._lazy import lazy_attributes
 from medseg.errors import InputError
-from medseg.io.dicom import (
-    DicomScan,
-    DicomSeries,
-    TiltPolicy,
-    discover_series,
-    is_dicom_file,
-    load_series,
-    read_dicom_series,
-    scan_dicom,
-)
-from medseg.io.grid import axis_mapping, reindex_to
-from medseg.io.images import (
-    VOLUME_SUFFIXES,
-    atomic_path,
-    read_image_file,
-    split_suffix,
-    write_json_atomic,
-    write_volume,
-)
-from medseg.io.volume import Geometry, Volume, label_dtype
-from medseg.types import PathLike, VolumeKind
+
+if TYPE_CHECKING:
+    from medseg.io.dicom import (
+        DicomScan,
+        DicomSeries,
+        TiltPolicy,
+        discover_series,
+        is_dicom_file,
+        load_series,
+        read_dicom_series,
+        scan_dicom,
+    )
+    from medseg.io.grid import axis_mapping, reindex_to
+    from medseg.io.images import (
+        VOLUME_SUFFIXES,
+        atomic_path,
+        read_image_file,
+        split_suffix,
+        write_json_atomic,
+        write_volume,
+    )
+    from medseg.io.volume import Geometry, Volume, label_dtype
+    from medseg.types import PathLike, VolumeKind
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -48,6 +52,32 @@ __all__ = [
     "write_json_atomic",
     "write_volume",
 ]
+
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "DicomScan",
+            "DicomSeries",
+            "TiltPolicy",
+            "discover_series",
+            "is_dicom_file",
+            "load_series",
+            "read_dicom_series",
+            "scan_dicom",
+        ),
+        "medseg.io.dicom",
+    ),
+    **dict.fromkeys(("axis_mapping", "reindex_to"), "medseg.io.grid"),
+    **dict.fromkeys(
+        ("VOLUME_SUFFIXES", "atomic_path", "read_image_file", "split_suffix", "write_json_atomic", "write_volume"),
+        "medseg.io.images",
+    ),
+    **dict.fromkeys(("Geometry", "Volume", "label_dtype"), "medseg.io.volume"),
+    **dict.fromkeys(("PathLike", "VolumeKind"), "medseg.types"),
+}
+# Imported on first use (pydicom, nibabel and SimpleITK take ~1 s), so `medseg --help` stays fast.
+if not TYPE_CHECKING:  # type checkers see the imports above, so a misspelt name stays an error
+    __getattr__ = lazy_attributes(__name__, _EXPORTS)
 
 
 def load_volume(
@@ -72,6 +102,10 @@ def load_volume(
     Raises:
         InputError: Missing, unreadable or unsupported input; the message names it.
     """
+    from medseg.io.dicom import is_dicom_file, read_dicom_series
+    from medseg.io.images import VOLUME_SUFFIXES, _as_labels, read_image_file, split_suffix
+    from medseg.io.volume import Volume
+
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or folder")
@@ -82,8 +116,6 @@ def load_volume(
         raise InputError(p, f"not a supported volume (suffix {suffix or 'none'}; not DICOM)")
     volume = read_dicom_series(p, tilt=tilt)
     if kind == "label":
-        from medseg.io.images import _as_labels
-
         volume = Volume(
             array=_as_labels(p, volume.array),
             geometry=volume.geometry,

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError, MedsegError, OutputExistsError
+from medseg.io.cli import ANNOTATION_TARGETS, add_annotation_arguments
 from medseg.io.images import split_suffix, write_json_atomic, write_volume
-from medseg.io.polygons import OVERLAP_POLICIES, PIXEL_RULES, POLYGON_FORMAT, polygons_to_labels
+from medseg.io.polygons import POLYGON_FORMAT, polygons_to_labels
 from medseg.io.rtstruct import find_rtstructs, is_rtstruct, labels_to_rtstruct, rtstruct_to_labels
 from medseg.io.volume import Volume
 from medseg.types import PathLike
@@ -39,8 +40,6 @@ __all__ = [
     "write_label_maps",
 ]
 
-#: Values of ``--to``: label map formats for annotations, or ``rtstruct`` for label -> RTSTRUCT.
-ANNOTATION_TARGETS = ("nifti", "nrrd", "rtstruct")
 _SUFFIX = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 
 
@@ -175,63 +174,6 @@ def _panoptic_segments(
 
 
 # ======================================================================== CLI
-def add_annotation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the annotation options to the ``medseg convert`` sub-parser.
-
-    Adds ``--reference``, ``--to``, ``--instances``, ``--panoptic``, ``--connectivity``,
-    ``--overlap-policy``, ``--pixel-rule``, ``--partial`` and ``--rois``.  The sub-parser must
-    provide positional ``input`` and ``output`` (or ``output_dir``) and a ``--overwrite`` flag.
-    """
-    group = parser.add_argument_group("annotations (RTSTRUCT, polygon JSON, label -> RTSTRUCT)")
-    group.add_argument(
-        "--reference",
-        default=None,
-        help="image grid of the annotation: DICOM series folder (RTSTRUCT, --to rtstruct) or image file/folder "
-        "(polygon JSON); default for an RTSTRUCT: its own folder",
-    )
-    group.add_argument(
-        "--to",
-        choices=ANNOTATION_TARGETS,
-        default=None,
-        help="label map format for annotations (nifti, default; nrrd), or 'rtstruct' to turn a label volume into "
-        "an RTSTRUCT referencing --reference",
-    )
-    group.add_argument(
-        "--instances",
-        action="store_true",
-        help="also write an instance map (polygons: one per object_id; RTSTRUCT: connected components per ROI)",
-    )
-    group.add_argument("--panoptic", action="store_true", help="with --instances: also write class*1000+instance")
-    group.add_argument(
-        "--connectivity",
-        type=int,
-        choices=(6, 18, 26),
-        default=26,
-        help="neighbourhood of RTSTRUCT connected components for --instances (default 26)",
-    )
-    group.add_argument(
-        "--overlap-policy",
-        choices=OVERLAP_POLICIES,
-        default="smaller",
-        help="where structures overlap: smaller (default: fewer voxels wins), later (listed later wins), "
-        "error, or separate (one binary channel per structure, 4D output)",
-    )
-    group.add_argument(
-        "--pixel-rule",
-        choices=PIXEL_RULES,
-        default="centre",
-        help="centre (default: voxels whose centre is inside, even-odd) or opencv (rounded vertices, outline "
-        "included, as DicomRTTool / rt-utils make masks)",
-    )
-    group.add_argument(
-        "--partial",
-        action="store_true",
-        help="RTSTRUCT: rasterise only contours on images present in the series (default: error naming the "
-        "missing SOP Instance UIDs)",
-    )
-    group.add_argument("--rois", default=None, help="RTSTRUCT: comma-separated ROI names to convert (default all)")
-
-
 def convert_annotation(args: argparse.Namespace) -> int | None:
     """Run ``medseg convert`` for an annotation input; ``None`` if the input is not one.
 

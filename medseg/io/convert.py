@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError, MedsegError, OutputExistsError
+from medseg.io.cli import add_convert_parser
 from medseg.io.dicom import DicomSeries, TiltPolicy, load_series, scan_dicom
 from medseg.io.images import VOLUME_SUFFIXES, read_image_file, split_suffix, write_json_atomic, write_volume
 from medseg.io.volume import Volume
 from medseg.types import PathLike
 
-__all__ = ["ConvertItem", "add_convert_parser", "convert", "plan_conversion"]
+__all__ = ["ConvertItem", "add_convert_parser", "convert", "plan_conversion", "run_convert"]
 
 
 @dataclass
@@ -267,37 +268,12 @@ def _format_record(record: dict[str, Any]) -> str:
     return f"{record['name']}: FAILED: {record['error']}"
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_convert_parser(subparsers: Any) -> None:
-    """Register ``medseg convert INPUT OUTPUT_DIR`` on an argparse sub-parser collection."""
-    p = subparsers.add_parser(
-        "convert",
-        help="convert every DICOM series (or NIfTI/NRRD/MHA file) under INPUT to NIfTI + JSON sidecar",
-        description="Every DICOM series found under INPUT (recursively; a single file works too) and every "
-        "NIfTI/NRRD/MHA file becomes OUTPUT_DIR/<name>.nii.gz plus <name>.json (series UID, modality, spacing, "
-        "shape, description, slice issues).",
-    )
-    p.add_argument("input", help="folder, DICOM file or volume file")
-    p.add_argument("output_dir", help="output folder (created)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument(
-        "--tilt",
-        choices=("error", "resample"),
-        default="error",
-        help="gantry-tilted series: refuse (default) or resample slices in-plane onto an orthogonal grid",
-    )
-    p.add_argument(
-        "--series", action="append", default=None, metavar="UID_OR_KEY", help="only this series (repeatable)"
-    )
-    p.add_argument("--include-localizers", action="store_true", help="also convert LOCALIZER (scout) images")
-    p.set_defaults(func=_cmd_convert)
-
-
 def _print_record(record: dict[str, Any]) -> None:
     print(_format_record(record), file=sys.stdout if record["status"] == "done" else sys.stderr)
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
+def run_convert(args: argparse.Namespace) -> int:
+    """Handler of ``medseg convert`` (parser: :func:`medseg.io.cli.add_convert_parser`): exit 1 if any failed."""
     records = convert(
         args.input,
         args.output_dir,

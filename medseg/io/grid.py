@@ -17,7 +17,7 @@ import numpy as np
 from medseg.errors import GeometryError
 from medseg.io.volume import Geometry, Volume
 
-__all__ = ["AxisMapping", "axis_mapping", "reindex_to"]
+__all__ = ["AxisMapping", "axis_mapping", "reindex_to", "signed_permutation"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,28 @@ class AxisMapping:
         return out
 
 
+def signed_permutation(linear: np.ndarray, *, atol: float = 1e-9) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Read a ``(3, 3)`` voxel-index map as a signed permutation of the axes, if it is one.
+
+    Args:
+        linear: The linear part of an index map (``inv(A) @ B`` of two grid affines).
+        atol: Largest allowed deviation of an entry from -1, 0 or 1.
+
+    Returns:
+        ``(rows, signs)``: for each column ``t`` the row holding its single non-zero entry and that
+        entry's sign; ``None`` if the map scales, rotates or shears.
+    """
+    rounded = np.rint(linear)
+    if not np.allclose(linear, rounded, atol=atol):
+        return None
+    magnitude = np.abs(rounded)
+    if not (np.array_equal(magnitude.sum(axis=0), np.ones(3)) and np.array_equal(magnitude.sum(axis=1), np.ones(3))):
+        return None
+    rows = tuple(int(np.flatnonzero(rounded[:, t])[0]) for t in range(3))
+    signs = tuple(int(rounded[rows[t], t]) for t in range(3))
+    return rows, signs
+
+
 def axis_mapping(src: Geometry, dst: Geometry, *, atol: float = 1e-3) -> AxisMapping | None:
     """The mapping that puts ``src``'s voxels onto ``dst``, if both grids hold the same voxel centres.
 
@@ -55,24 +77,24 @@ def axis_mapping(src: Geometry, dst: Geometry, *, atol: float = 1e-3) -> AxisMap
         The :class:`AxisMapping`, or ``None`` when the grids are not a re-indexing of each other.
     """
     m = np.linalg.inv(dst.affine) @ src.affine  # src index -> dst index
-    rot = np.round(m[:3, :3])
-    if not np.all(np.sort(np.abs(rot), axis=0) == [[0, 0, 0], [0, 0, 0], [1, 1, 1]]):
+    perm = signed_permutation(m[:3, :3], atol=0.5)  # closeness is checked in mm at the corners below
+    if perm is None:
         return None
-    if sorted(np.argmax(np.abs(rot), axis=0).tolist()) != [0, 1, 2]:
-        return None
+    rows, signs = perm
+    rot = np.zeros((3, 3))
     shift = np.round(m[:3, 3])
     axes = [0, 0, 0]
     flip = [False, False, False]
     for src_axis in range(3):
-        dst_axis = int(np.argmax(np.abs(rot[:, src_axis])))
+        dst_axis = rows[src_axis]
+        rot[dst_axis, src_axis] = signs[src_axis]
         axes[dst_axis] = src_axis
-        sign = rot[dst_axis, src_axis]
         if src.shape[src_axis] != dst.shape[dst_axis]:
             return None
-        expected = 0 if sign > 0 else dst.shape[dst_axis] - 1
+        expected = 0 if signs[src_axis] > 0 else dst.shape[dst_axis] - 1
         if shift[dst_axis] != expected:
             return None
-        flip[dst_axis] = bool(sign < 0)
+        flip[dst_axis] = signs[src_axis] < 0
     exact = np.eye(4)
     exact[:3, :3] = rot
     exact[:3, 3] = shift

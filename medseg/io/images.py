@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "VOLUME_SUFFIXES",
     "atomic_path",
+    "atomic_paths",
     "read_image_file",
     "split_suffix",
     "write_json_atomic",
@@ -185,9 +186,47 @@ def atomic_path(target: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     Raises:
         OutputExistsError: ``target`` exists and ``overwrite`` is false.
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(target)
+    with atomic_paths([target], overwrite=overwrite) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(targets: Sequence[PathLike], *, overwrite: bool = False) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together (a volume and its sidecar).
+
+    Yields one temporary path per target (same folder, same suffix).  Only when the block
+    succeeds are they renamed onto the targets, one ``os.replace`` each, after every target has
+    been checked; on any error all temporary files are removed and no target is touched.
+
+    Raises:
+        OutputExistsError: One of ``targets`` exists and ``overwrite`` is false (checked before the
+            block runs and again before the first rename); nothing is written.
+    """
+    paths = [Path(t) for t in targets]
+    _refuse_existing(paths, overwrite=overwrite)
+    tmps: list[Path] = []
+    try:
+        for target in paths:
+            tmps.append(_temporary_beside(target))
+        yield tmps
+        _refuse_existing(paths, overwrite=overwrite)
+        for tmp, target in zip(tmps, paths, strict=True):
+            os.replace(tmp, target)
+    finally:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _refuse_existing(targets: list[Path], *, overwrite: bool) -> None:
+    if not overwrite:
+        for target in targets:
+            if target.exists():
+                raise OutputExistsError(target)
+
+
+def _temporary_beside(target: Path) -> Path:
+    """An empty file ``.<stem>.<random>.tmp<suffix>`` in ``target``'s folder (created), mode 0666 & ~umask."""
     target.parent.mkdir(parents=True, exist_ok=True)
     stem, suffix = split_suffix(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=target.parent)
@@ -196,21 +235,18 @@ def atomic_path(target: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give outputs the usual permissions
-    try:
-        yield tmp
-        if not overwrite and target.exists():
-            raise OutputExistsError(target)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    return tmp
 
 
 def write_json_atomic(path: PathLike, data: Any, *, overwrite: bool = True) -> Path:
     """Write ``data`` as indented JSON atomically."""
     with atomic_path(path, overwrite=overwrite) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+        _write_json(tmp, data)
     return Path(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:
@@ -234,16 +270,21 @@ def write_volume(
 
     Labels are written with the smallest unsigned integer dtype that holds them and,
     when ``label_names`` is given, a ``<stem>.json`` sidecar (and NRRD key/value
-    metadata in the 3D Slicer ``Segment<N>_*`` style for ``.nrrd``).
+    metadata in the 3D Slicer ``Segment<N>_*`` style for ``.nrrd``).  The volume and its
+    sidecar are written together (:func:`atomic_paths`): both or neither.
 
     Args:
         volume: The volume; a multi-channel image becomes a 4D NIfTI / vector ITK image.
         path: Output file; the format follows the suffix.
-        overwrite: Replace an existing file.
+        overwrite: Replace an existing file (and sidecar).
         label_names: ``{label value: name}`` for label volumes.
 
     Returns:
         The written path.
+
+    Raises:
+        OutputExistsError: The volume or the sidecar exists and ``overwrite`` is false; nothing is written.
+        MedsegError: Unsupported output suffix.
     """
     path = Path(path)
     _, suffix = split_suffix(path)
@@ -253,16 +294,17 @@ def write_volume(
         array = array.astype(label_dtype(max_label), copy=False)
     if suffix == ".mhd":
         raise MedsegError(f"{path}: writing .mhd (two-file format) is not supported atomically; use .mha")
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    targets = [path] if label_names is None else [path, _sidecar_path(path)]
+    with atomic_paths(targets, overwrite=overwrite) as tmps:
         if suffix in NIFTI_SUFFIXES:
-            _write_nifti(array, volume.geometry, tmp)
+            _write_nifti(array, volume.geometry, tmps[0])
         elif suffix in ITK_SUFFIXES:
-            _write_itk(array, volume.geometry, tmp, label_names=label_names if suffix.endswith("nrrd") else None)
+            _write_itk(array, volume.geometry, tmps[0], label_names=label_names if suffix.endswith("nrrd") else None)
         else:
             raise MedsegError(f"{path}: unknown output format {suffix!r}")
-    if label_names is not None:
-        sidecar = {"labels": {str(k): v for k, v in sorted(label_names.items())}, "geometry": volume.geometry.to_dict()}
-        write_json_atomic(_sidecar_path(path), sidecar, overwrite=True)
+        if label_names is not None:
+            labels = {str(k): v for k, v in sorted(label_names.items())}
+            _write_json(tmps[1], {"labels": labels, "geometry": volume.geometry.to_dict()})
     return path
 
 

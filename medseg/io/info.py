@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.io.cli import add_info_parser
 from medseg.io.dicom import load_series, scan_dicom
 from medseg.io.images import VOLUME_SUFFIXES, read_image_file, split_suffix
 from medseg.io.volume import Volume
 from medseg.types import PathLike
 
-__all__ = ["add_info_parser", "describe_volume", "format_info", "gather_info"]
+__all__ = ["add_info_parser", "describe_volume", "format_info", "gather_info", "run_info"]
 
 
 def gather_info(path: PathLike, *, load: bool = True, tilt: str = "error") -> dict[str, Any]:
@@ -131,24 +132,8 @@ def _format_volume(v: dict[str, Any], title: str | None) -> list[str]:
     return lines
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_info_parser(subparsers: Any) -> None:
-    """Register ``medseg info INPUT [--json]`` on an argparse sub-parser collection."""
-    p = subparsers.add_parser(
-        "info",
-        help="series in a DICOM folder (headers only), or the geometry and value range of a volume",
-        description="For a folder: every DICOM image series (key/UID, modality, description, slices, shape, spacing, "
-        "orientation) from headers only; for a file (NIfTI/NRRD/MHA/DICOM): shape, spacing, origin, direction, "
-        "orientation and value range.",
-    )
-    p.add_argument("input", help="folder, DICOM file or volume file")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--headers-only", action="store_true", help="never decode pixels (folders with one series)")
-    p.add_argument("--tilt", choices=("error", "resample"), default="error", help="gantry-tilt policy when loading")
-    p.set_defaults(func=_cmd_info)
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
+def run_info(args: argparse.Namespace) -> int:
+    """Handler of ``medseg info`` (parser: :func:`medseg.io.cli.add_info_parser`): print, exit 0."""
     data = gather_info(args.input, load=not args.headers_only, tilt=args.tilt)
     if args.json:
         print(json.dumps(data, indent=2))

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medseg.errors import InputError
 from medseg.io.volume import LPS_FROM_RAS, Geometry, Volume, label_dtype
-from medseg.types import PathLike
+from medseg.types import OVERLAP_POLICIES, PIXEL_RULES, OverlapPolicy, PathLike, PixelRule
 
 __all__ = [
     "ON_CONTOUR_TOLERANCE",
@@ -74,12 +74,6 @@ _OUTLINE_STEP = 0.05
 #: Upper bound on candidate voxels examined at once by the on-contour test (memory guard).
 _CHUNK = 2_000_000
 
-PixelRule = Literal["centre", "opencv"]
-OverlapPolicy = Literal["smaller", "later", "error", "separate"]
-PIXEL_RULES: tuple[str, ...] = ("centre", "opencv")
-#: ``smaller``: the structure with fewer voxels wins where structures overlap; ``later``: the one
-#: listed later wins; ``error``: overlaps are refused; ``separate``: one binary channel each.
-OVERLAP_POLICIES: tuple[str, ...] = ("smaller", "later", "error", "separate")
 #: Value of the ``format`` key that identifies a medseg polygon-annotation file.
 POLYGON_FORMAT = "medseg-polygons"
 

@@ -22,14 +22,16 @@ the input grid (source path, original geometry, label names, DICOM UIDs).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from monai.data import MetaTensor
 
 from medseg.errors import GeometryError
 from medseg.types import Shape3D, VolumeKind
+
+if TYPE_CHECKING:  # imported where used: loading and writing volumes needs neither torch nor MONAI
+    import torch
+    from monai.data import MetaTensor
 
 __all__ = ["LPS_FROM_RAS", "Geometry", "Volume", "label_dtype"]
 
@@ -205,6 +207,9 @@ class Volume:
 
     def to_metatensor(self) -> MetaTensor:
         """The array as a MONAI ``MetaTensor`` with the RAS affine and writer metadata."""
+        import torch
+        from monai.data import MetaTensor
+
         meta: dict[str, Any] = {
             "original_affine": torch.tensor(np.array(self.geometry.affine), dtype=torch.float64),
             "spatial_shape": np.asarray(self.geometry.shape),
@@ -213,7 +218,7 @@ class Volume:
             "medseg_kind": self.kind,
         }
         return MetaTensor(
-            torch.from_numpy(np.ascontiguousarray(self.array)),
+            torch.from_numpy(_dense_array(self.array)),
             affine=torch.tensor(np.array(self.geometry.affine), dtype=torch.float64),
             meta=meta,
         )
@@ -221,9 +226,25 @@ class Volume:
     @classmethod
     def from_metatensor(cls, tensor: torch.Tensor, *, kind: VolumeKind = "image", **meta: Any) -> Volume:
         """Wrap a ``(C, X, Y, Z)`` MetaTensor (its current affine becomes the geometry)."""
+        from monai.data import MetaTensor
+
         if not isinstance(tensor, MetaTensor):
             raise TypeError("from_metatensor needs a MetaTensor carrying an affine")
         array = tensor.detach().cpu().numpy()
         geometry = Geometry(shape=tuple(array.shape[1:]), affine=tensor.affine.detach().cpu().numpy())  # type: ignore[arg-type]
         source = str(tensor.meta.get("filename_or_obj", "")) or None
         return cls(array=array, geometry=geometry, kind=kind, source=source, meta=dict(meta))
+
+
+def _dense_array(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when it is C- or Fortran-contiguous and writeable, else a C-contiguous copy.
+
+    DICOM and NIfTI readers hand out ``(C, X, Y, Z)`` arrays in Fortran order (their memory
+    runs along X fastest); forcing C order here would transpose hundreds of MB for nothing,
+    since torch and MONAI work on any strides.  Only negative or gapped strides (flipped or
+    sliced views) and read-only buffers need a copy for ``torch.from_numpy``.
+    """
+    dense = array.flags.c_contiguous or array.flags.f_contiguous
+    if dense and array.flags.writeable and all(s >= 0 for s in array.strides):
+        return array
+    return np.ascontiguousarray(array)

@@ -90,9 +90,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 def use_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
     """Whether 3D convolutions should run in the channels-last-3d memory format.
 
-    CPU: no.  On the project machine (``benchmarks/bench_inference.py``, MONAI U-Net 16-256,
-    96³ windows) channels-last measured 0.9-1.1x in fp32 and 0.86-0.88x with bf16 autocast:
-    the convolutions get faster but instance norm and the residual additions convert layouts.
-    CUDA with AMP: yes (the tensor-core layout of cuDNN; not measured here, no GPU).
+    Only with reduced precision.  On the project CPU (AMX, ``benchmarks/bench_inference.py``,
+    MONAI U-Net 16-256, 96³ windows) a bf16 network call takes 42-54 ms channels-last against
+    55-57 ms contiguous, once the instance norms run on contiguous copies
+    (:class:`medseg.infer.fastnet.ContiguousNorm`); whole sliding-window runs measured 1.13x and
+    0.97x in two runs.  In fp32 channels-last measured 0.99-1.14x: not worth a layout change.
+    On CUDA with AMP it is the tensor-core layout of cuDNN (not measured here, no GPU).
     """
-    return device.type == "cuda" and dtype is not None
+    return dtype is not None and device.type in ("cpu", "cuda")

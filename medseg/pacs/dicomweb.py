@@ -52,11 +52,11 @@ from medseg.pacs.query import (
     server_value,
     sort_series,
 )
+from medseg.pacs.transport import BACKOFF_MAX_S, check_uid
 
 __all__ = ["DicomWebClient", "make_session"]
 
 _RETRY_STATUS = (429, 500, 502, 503, 504)
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _log = logging.getLogger("medseg.pacs")
 
 
@@ -155,7 +155,7 @@ def make_session(profile: PacsProfile) -> Any:
         status=cfg.retries,
         other=0,
         backoff_factor=cfg.backoff_s,
-        backoff_max=60.0,
+        backoff_max=BACKOFF_MAX_S,
         status_forcelist=_RETRY_STATUS,
         allowed_methods=frozenset({"GET", "HEAD", "POST"}),
         respect_retry_after_header=True,
@@ -342,7 +342,7 @@ class DicomWebClient:
     ) -> list[Dataset]:
         """QIDO-RS ``/studies/{study}/series`` (or ``/series``) with series-level filters."""
         filters = dict(filters or {})
-        path = f"studies/{_uid(study_uid, self.where)}/series" if study_uid else "series"
+        path = f"studies/{check_uid(study_uid, self.where)}/series" if study_uid else "series"
         return self._search(path, filters, requested_fields("series", filters, fields), "searching series")
 
     def search_instances(
@@ -351,8 +351,8 @@ class DicomWebClient:
         """QIDO-RS instances of a series (optionally one SOPInstanceUID)."""
         filters: dict[str, str | list[str]] = {}
         if sop_instance_uid:
-            filters["SOPInstanceUID"] = _uid(sop_instance_uid, self.where)
-        path = f"studies/{_uid(study_uid, self.where)}/series/{_uid(series_uid, self.where)}/instances"
+            filters["SOPInstanceUID"] = check_uid(sop_instance_uid, self.where)
+        path = f"studies/{check_uid(study_uid, self.where)}/series/{check_uid(series_uid, self.where)}/instances"
         try:
             return self._search(path, filters, ["SOPInstanceUID", "SOPClassUID"], "searching instances")
         except PacsNotFoundError:
@@ -425,7 +425,7 @@ class DicomWebClient:
                 instances than ``expected``.
             PacsConnectionError: The server went away.
         """
-        study_uid, series_uid = _uid(study_uid, self.where), _uid(series_uid, self.where)
+        study_uid, series_uid = check_uid(study_uid, self.where), check_uid(series_uid, self.where)
         what = f"retrieving series {series_uid}"
         dest.mkdir(parents=True, exist_ok=True)
         count = 0
@@ -472,7 +472,7 @@ class DicomWebClient:
         self.client.set_chunk_size(max(10**6, 2 * total + (1 << 20)))
         with self._errors(what):
             response = self.client.store_instances(
-                datasets, study_instance_uid=_uid(study_uid, self.where) if study_uid else None
+                datasets, study_instance_uid=check_uid(study_uid, self.where) if study_uid else None
             )
         failed = list(getattr(response, "FailedSOPSequence", []) or [])
         if failed:
@@ -490,14 +490,6 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _uid(value: str | None, where: str) -> str:
-    """A UID safe to put in a URL or a file name."""
-    text = str(value or "").strip()
-    if not _UID_RE.fullmatch(text) or len(text) > 64:
-        raise PacsProtocolError(f"{where}: invalid UID {text[:80]!r}")
-    return text
-
-
 def _write_instance(ds: Dataset, dest: Path, *, series_uid: str, where: str) -> Path:
     """Write one retrieved instance as ``<SOPInstanceUID>.dcm`` (Part 10) in ``dest``."""
     from pydicom.dataset import FileMetaDataset
@@ -505,7 +497,7 @@ def _write_instance(ds: Dataset, dest: Path, *, series_uid: str, where: str) -> 
     got_series = str(ds.get("SeriesInstanceUID", "") or "")
     if got_series != series_uid:
         raise PacsProtocolError(f"{where}: the server sent an instance of another series ({got_series or 'none'})")
-    sop = _uid(str(ds.get("SOPInstanceUID", "") or ""), where)
+    sop = check_uid(str(ds.get("SOPInstanceUID", "") or ""), where)
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         meta = FileMetaDataset(meta) if meta is not None else FileMetaDataset()

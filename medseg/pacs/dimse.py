@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,10 +48,10 @@ from medseg.pacs.query import (
     server_value,
     sort_series,
 )
+from medseg.pacs.transport import backoff_delay, check_uid
 
 __all__ = ["DimseClient", "ReceivedInstance", "StorageReceiver"]
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _log = logging.getLogger("medseg.pacs")
 #: Transfer syntaxes offered when receiving (besides the uncompressed defaults): originals are kept.
 _COMPRESSED = (
@@ -105,13 +104,6 @@ def _config(profile: PacsProfile) -> DimseConfig:
     if profile.dimse is None:
         raise ConfigError(f"{profile.source}: the profile has no dimse section")
     return profile.dimse
-
-
-def _uid(value: Any, where: str) -> str:
-    text = str(value or "").strip()
-    if not _UID_RE.fullmatch(text) or len(text) > 64:
-        raise PacsProtocolError(f"{where}: invalid UID {text[:80]!r}")
-    return text
 
 
 # ================================================================ receiving
@@ -221,9 +213,9 @@ class StorageReceiver:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            sop = _uid(ds.get("SOPInstanceUID") or event.request.AffectedSOPInstanceUID, "received instance")
-            series = _uid(ds.get("SeriesInstanceUID"), "received instance")
-            study = _uid(ds.get("StudyInstanceUID"), "received instance")
+            sop = check_uid(ds.get("SOPInstanceUID") or event.request.AffectedSOPInstanceUID, "received instance")
+            series = check_uid(ds.get("SeriesInstanceUID"), "received instance")
+            study = check_uid(ds.get("StudyInstanceUID"), "received instance")
         except Exception as exc:  # unparseable or without UIDs: refuse this instance, keep the association
             self._note_refused(f"from {calling}: cannot use the instance ({type(exc).__name__}: {exc})")
             return 0xC210  # cannot understand
@@ -319,7 +311,7 @@ class DimseClient:
         assoc = None
         for attempt in range(cfg.retries + 1):
             if attempt:
-                time.sleep(min(60.0, cfg.backoff_s * 2 ** (attempt - 1)))
+                time.sleep(backoff_delay(cfg.backoff_s, attempt))
             assoc = ae.associate(
                 cfg.host, cfg.port, ae_title=cfg.called_aet, ext_neg=ext_neg, evt_handlers=handlers or None
             )
@@ -417,11 +409,11 @@ class DimseClient:
     def find_instances(self, study_uid: str, series_uid: str, *, sop_instance_uid: str | None = None) -> list[Dataset]:
         """IMAGE-level C-FIND of a series (SOPInstanceUID, SOPClassUID)."""
         filters: dict[str, str | list[str]] = {
-            "StudyInstanceUID": _uid(study_uid, self.where),
-            "SeriesInstanceUID": _uid(series_uid, self.where),
+            "StudyInstanceUID": check_uid(study_uid, self.where),
+            "SeriesInstanceUID": check_uid(series_uid, self.where),
         }
         if sop_instance_uid:
-            filters["SOPInstanceUID"] = _uid(sop_instance_uid, self.where)
+            filters["SOPInstanceUID"] = check_uid(sop_instance_uid, self.where)
         fields = ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"]
         return self.find("IMAGE", filters, fields, what=f"listing the instances of series {series_uid}")
 
@@ -444,7 +436,7 @@ class DimseClient:
             PacsProtocolError: Failed sub-operations, or fewer instances than ``expected``.
             PacsConnectionError: The PACS went away.
         """
-        study_uid, series_uid = _uid(study_uid, self.where), _uid(series_uid, self.where)
+        study_uid, series_uid = check_uid(study_uid, self.where), check_uid(series_uid, self.where)
         method = method or self.config.retrieve
         what = f"retrieving series {series_uid} (C-{method.upper()})"
         instances = self.find_instances(study_uid, series_uid)
@@ -488,7 +480,7 @@ class DimseClient:
                 ds = event.dataset
                 if str(ds.get("SeriesInstanceUID", "")) != series_uid:
                     return 0xC211
-                sop = _uid(ds.get("SOPInstanceUID"), self.where)
+                sop = check_uid(ds.get("SOPInstanceUID"), self.where)
                 write_encoded(event.encoded_dataset(include_meta=True), dest, sop)
             except OSError:
                 return 0xA700

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import os
-import re
 import shutil
 import threading
 import time
@@ -50,6 +49,7 @@ from medseg.pacs.errors import PacsConnectionError, PacsError, PacsNotFoundError
 from medseg.pacs.profile import PacsProfile
 from medseg.pacs.query import QueryFilters, RemoteSeries
 from medseg.pacs.state import PacsState
+from medseg.pacs.transport import is_uid
 from medseg.types import PathLike
 
 __all__ = [
@@ -66,7 +66,6 @@ INPUTS = "inputs"
 INCOMING = "incoming"
 TMP = ".pacs-tmp"
 RESULT_FILES = {"seg": "seg.dcm", "rtstruct": "rtstruct.dcm"}
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @dataclass
@@ -129,7 +128,7 @@ def _uid_dir(uid: str) -> str:
     """A folder name for a UID (the UID itself when valid, else a hash: nothing escapes the folder)."""
     import hashlib
 
-    if _UID_RE.fullmatch(uid) and len(uid) <= 64:
+    if is_uid(uid):
         return uid
     return "x-" + hashlib.sha256(uid.encode()).hexdigest()[:24]
 

@@ -26,10 +26,10 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medseg.batch.sqlite import connect, create_schema, immediate_transaction
 from medseg.errors import MedsegError
 from medseg.types import PathLike
 
@@ -100,24 +100,15 @@ class PacsState:
         self.path = Path(path)
         self._lock = threading.RLock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            new = not self.path.exists()
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            if new:  # the batch manifest's default; an existing file keeps the mode the batch run chose
+            journal_mode = None  # an existing file keeps the mode the batch run chose
+            if not self.path.exists():  # the batch manifest's default
                 mode = os.environ.get("MEDSEG_BATCH_JOURNAL", "WAL").upper()
-                self._db.execute(f"PRAGMA journal_mode = {'DELETE' if mode == 'DELETE' else 'WAL'}")
-            self._db.execute("PRAGMA synchronous = FULL")
+                journal_mode = "DELETE" if mode == "DELETE" else "WAL"
+            self._db = connect(self.path, busy_timeout_s=busy_timeout_s, journal_mode=journal_mode)
             with self._tx() as db:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                row = db.execute("SELECT value FROM pacs_meta WHERE key = 'schema'").fetchone()
-                if row is None:
-                    db.execute("INSERT INTO pacs_meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-                elif row[0] != SCHEMA_VERSION:
-                    raise MedsegError(f"{self.path}: PACS state schema {row[0]} is not supported")
+                found = create_schema(db, _SCHEMA, meta_table="pacs_meta", version=SCHEMA_VERSION)
+                if found != SCHEMA_VERSION:
+                    raise MedsegError(f"{self.path}: PACS state schema {found} is not supported")
         except sqlite3.DatabaseError as exc:
             raise MedsegError(f"{self.path}: cannot open the PACS state ({exc})") from exc
 
@@ -132,16 +123,8 @@ class PacsState:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._db, self._lock)
 
     @staticmethod
     def _event(db: sqlite3.Connection, series_uid: str, event: str, detail: str = "") -> None:
