@@ -114,3 +114,23 @@ def test_float32_predictor_keeps_float32_weights_and_exact_output() -> None:
         flips = [(), (2,), (4,), (2, 4)]
         ref = sum(torch.flip(net(torch.flip(x, f) if f else x), f) if f else net(x) for f in flips) / 4
     assert torch.allclose(wp(x), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [16, 4])
+def test_channels_last_instance_norm_routes_agree_with_instance_norm(channels: int) -> None:
+    """16 channels go through the per-sample batch norm, 4 through a contiguous copy; both exact."""
+    torch.manual_seed(3)
+    layer = nn.InstanceNorm3d(channels, affine=True)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    norm = ContiguousNorm(layer)
+    assert norm._per_channel() is (channels == 16)
+    x = 3.0 * torch.randn(2, channels, 12, 10, 8) + 1.0
+    with torch.inference_mode():
+        y = norm(x.contiguous(memory_format=torch.channels_last_3d))
+        ref = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert not ContiguousNorm(nn.GroupNorm(4, 16))._per_channel()  # true group norm: contiguous copy
+    assert ContiguousNorm(nn.GroupNorm(16, 16))._per_channel()

@@ -10,8 +10,8 @@ argmax agreement with the float32 network is measured in ``benchmarks/bench_infe
 * **Channels-last 3D.** oneDNN's bf16 convolutions (AMX / AVX-512 BF16) are faster in the
   ``NDHWC`` layout, most of all for the few-channel layers at full resolution (the class
   logits).  PyTorch's instance norm and group norm, however, handle that layout by copying
-  (or, for few channels, very slowly), so :class:`ContiguousNorm` runs them on a contiguous
-  copy and hands the result back channels-last.
+  (or, for few channels, very slowly), so :class:`ContiguousNorm` computes them as a
+  per-sample batch norm (multiples of 16 channels) or on a contiguous copy (the rest).
 
 :func:`prepare_network` applies them; ``benchmarks/bench_inference.py`` measures each.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ContiguousNorm", "network_dtype", "prepare_network"]
@@ -29,19 +30,48 @@ _LAYOUT_SENSITIVE_NORMS = (nn.InstanceNorm3d, nn.GroupNorm)
 
 
 class ContiguousNorm(nn.Module):
-    """Run a normalisation layer on a contiguous tensor and return the input's memory format.
+    """Instance/group norm for channels-last inputs, by the fastest exact route PyTorch's CPU kernels offer.
+
+    * Instance norm (or group norm with one channel per group) with a multiple of 16 channels:
+      ``batch_norm`` in training mode on each sample.  For one sample its statistics over
+      ``(N, X, Y, Z)`` are the instance statistics, and PyTorch's channels-last batch-norm
+      kernel is vectorised over the channels (measured 4-10x faster than a layout round trip).
+    * Otherwise (few channels, where that kernel is slow, or true group norm): the wrapped layer
+      on a contiguous copy, handed back channels-last.
 
     Args:
-        norm: The layer to wrap (instance or group norm: the statistics are per sample).
+        norm: The layer to wrap (``InstanceNorm3d`` or ``GroupNorm``).
     """
+
+    #: Channel counts the channels-last batch-norm kernel handles fast (vector width in bf16).
+    CHANNEL_MULTIPLE = 16
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
         self.norm = norm
 
+    def _per_channel(self) -> bool:
+        norm = self.norm
+        if isinstance(norm, nn.InstanceNorm3d):
+            channels = norm.num_features
+            return not norm.track_running_stats and channels % self.CHANNEL_MULTIPLE == 0
+        if isinstance(norm, nn.GroupNorm):
+            return norm.num_groups == norm.num_channels and norm.num_channels % self.CHANNEL_MULTIPLE == 0
+        return False
+
+    def _batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        weight = getattr(norm, "weight", None)
+        bias = getattr(norm, "bias", None)
+        eps = float(norm.eps)  # type: ignore[arg-type]
+        outs = [F.batch_norm(x[i : i + 1], None, None, weight, bias, True, 0.0, eps) for i in range(x.shape[0])]
+        return outs[0] if len(outs) == 1 else torch.cat(outs).contiguous(memory_format=torch.channels_last_3d)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, X, Y, Z)`` in any memory format -> normalised, same shape and memory format."""
         if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+            if self._per_channel():
+                return self._batch_norm(x)
             return self.norm(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
         return self.norm(x)
 
