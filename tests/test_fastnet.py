@@ -7,7 +7,7 @@ import torch
 from monai.networks.nets import DynUNet, UNet
 from torch import nn
 
-from medseg.infer.fastnet import ContiguousNorm, network_dtype, prepare_network
+from medseg.infer.fastnet import ChannelsLastNorm, network_dtype, prepare_network
 from medseg.infer.sliding_window import WindowPredictor
 
 ROI = (32, 32, 16)
@@ -58,7 +58,7 @@ def test_channels_last_rewrite_is_exact_in_float32(make: object, channels: int) 
                 module.bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, channels, *ROI)
     fast = prepare_network(net, channels_last=True)
-    wrapped = [m for m in fast.modules() if isinstance(m, ContiguousNorm)]
+    wrapped = [m for m in fast.modules() if isinstance(m, ChannelsLastNorm)]
     assert wrapped, "instance/group norms should be wrapped"
     with torch.inference_mode():
         ref = net(x)
@@ -72,13 +72,13 @@ def test_prepare_network_leaves_the_original_untouched() -> None:
     before = {k: v.clone() for k, v in net.state_dict().items()}
     fast = prepare_network(net, dtype=torch.bfloat16, channels_last=True)
     assert network_dtype(fast) == torch.bfloat16 and network_dtype(net) == torch.float32
-    assert not any(isinstance(m, ContiguousNorm) for m in net.modules())
+    assert not any(isinstance(m, ChannelsLastNorm) for m in net.modules())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not any(p.requires_grad for p in fast.parameters())
 
 
 def test_contiguous_norm_keeps_the_memory_format() -> None:
-    norm = ContiguousNorm(nn.InstanceNorm3d(4))
+    norm = ChannelsLastNorm(nn.InstanceNorm3d(4))
     x = torch.randn(1, 4, 8, 8, 8)
     y = norm(x.contiguous(memory_format=torch.channels_last_3d))
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
@@ -124,7 +124,7 @@ def test_channels_last_instance_norm_routes_agree_with_instance_norm(channels: i
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-0.5, 0.5)
-    norm = ContiguousNorm(layer)
+    norm = ChannelsLastNorm(layer)
     assert norm._per_channel() is (channels == 16)
     x = 3.0 * torch.randn(2, channels, 12, 10, 8) + 1.0
     with torch.inference_mode():
@@ -132,5 +132,5 @@ def test_channels_last_instance_norm_routes_agree_with_instance_norm(channels: i
         ref = layer(x)
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.allclose(y, ref, atol=1e-5)
-    assert not ContiguousNorm(nn.GroupNorm(4, 16))._per_channel()  # true group norm: contiguous copy
-    assert ContiguousNorm(nn.GroupNorm(16, 16))._per_channel()
+    assert not ChannelsLastNorm(nn.GroupNorm(4, 16))._per_channel()  # true group norm: contiguous copy
+    assert ChannelsLastNorm(nn.GroupNorm(16, 16))._per_channel()

@@ -10,7 +10,7 @@ argmax agreement with the float32 network is measured in ``benchmarks/bench_infe
 * **Channels-last 3D.** oneDNN's bf16 convolutions (AMX / AVX-512 BF16) are faster in the
   ``NDHWC`` layout, most of all for the few-channel layers at full resolution (the class
   logits).  PyTorch's instance norm and group norm, however, handle that layout by copying
-  (or, for few channels, very slowly), so :class:`ContiguousNorm` computes them as a
+  (or, for few channels, very slowly), so :class:`ChannelsLastNorm` computes them as a
   per-sample batch norm (multiples of 16 channels) or on a contiguous copy (the rest).
 
 :func:`prepare_network` applies them; ``benchmarks/bench_inference.py`` measures each.
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContiguousNorm", "network_dtype", "prepare_network"]
+__all__ = ["ChannelsLastNorm", "network_dtype", "prepare_network"]
 
 _LAYOUT_SENSITIVE_NORMS = (nn.InstanceNorm3d, nn.GroupNorm)
 
 
-class ContiguousNorm(nn.Module):
+class ChannelsLastNorm(nn.Module):
     """Instance/group norm for channels-last inputs, by the fastest exact route PyTorch's CPU kernels offer.
 
     * Instance norm (or group norm with one channel per group) with a multiple of 16 channels:
@@ -77,9 +77,9 @@ class ContiguousNorm(nn.Module):
 
 
 def _wrap_norms(module: nn.Module) -> nn.Module:
-    """Wrap layout-sensitive norms in :class:`ContiguousNorm`, in place (recursively)."""
+    """Wrap layout-sensitive norms in :class:`ChannelsLastNorm`, in place (recursively)."""
     if isinstance(module, _LAYOUT_SENSITIVE_NORMS):
-        return ContiguousNorm(module)
+        return ChannelsLastNorm(module)
     for name, child in module.named_children():
         new = _wrap_norms(child)
         if new is not child:
@@ -102,7 +102,7 @@ def prepare_network(
         dtype: Dtype of its parameters and buffers (``torch.bfloat16`` for bf16 inference
             without autocast; the input must then be bf16 too, see :func:`network_dtype`).
         channels_last: Put it in the channels-last-3d memory format, with layout-sensitive
-            norms wrapped in :class:`ContiguousNorm`.
+            norms wrapped in :class:`ChannelsLastNorm`.
 
     Returns:
         The rewritten copy in eval mode, gradients off.

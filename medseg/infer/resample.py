@@ -243,6 +243,35 @@ def resample_image(
     return out
 
 
+def _axis_coords(
+    voxel_map: np.ndarray, axes: tuple[int, int, int], source_shape: Sequence[int], target_shape: Sequence[int]
+) -> list[np.ndarray]:
+    """Source position of every target index, per target axis, for a map without rotation (border-clamped)."""
+    return [
+        np.clip(
+            voxel_map[axes[t], t] * np.arange(target_shape[t]) + voxel_map[axes[t], 3], 0, source_shape[axes[t]] - 1
+        )
+        for t in range(3)
+    ]
+
+
+def _chunk_bounds(
+    coords: Sequence[np.ndarray], axes: tuple[int, int, int], source_shape: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source block ``[lo, hi)`` (source axis order) holding every linear-interpolation neighbour of ``coords``."""
+    lo = np.zeros(3, dtype=np.int64)
+    hi = np.zeros(3, dtype=np.int64)
+    for t in range(3):
+        lo[axes[t]] = math.floor(float(coords[t].min()))
+        hi[axes[t]] = min(int(source_shape[axes[t]]), math.floor(float(coords[t].max())) + 2)
+    return lo, hi
+
+
+def _pass_order(extents: Sequence[int], target_shape: Sequence[int]) -> list[int]:
+    """Target axes in the order of the 1D passes: axis 0 (the chunk axis) first, then the shrinking axes."""
+    return [0, *sorted(range(1, 3), key=lambda t: target_shape[t] / extents[t])]
+
+
 #: Measured cost ratio (``benchmarks/bench_inference.py e2e``, 2-core CPU): a trilinear
 #: ``grid_sample`` output voxel costs about as much as this many elements of a 1D linear pass.
 GRID_SAMPLE_COST = 6.0
@@ -253,15 +282,14 @@ def _separable_pays(
 ) -> bool:
     """Whether three 1D passes touch fewer elements than ``GRID_SAMPLE_COST`` x the target voxels.
 
-    The passes run along target axis 0 first (the chunk axis), then the shrinking axes; an
-    axis whose target voxels fall on source voxels costs nothing.
+    The passes run in :func:`_pass_order`; an axis whose target voxels are source voxels in the
+    same order costs nothing (:func:`_linear_along` returns a view).
     """
     shape = [int(source_shape[axes[t]]) for t in range(3)]  # current extent per target axis
     work = 0
-    order = [0, *sorted(range(1, 3), key=lambda t: target_shape[t] / shape[t])]
-    for t in order:
+    for t in _pass_order(shape, target_shape):
         scale, shift = voxel_map[axes[t], t], voxel_map[axes[t], 3]
-        identity = abs(abs(scale) - 1.0) < 1e-9 and abs(shift - round(shift)) < 1e-9
+        identity = abs(scale - 1.0) < 1e-9 and abs(shift - round(shift)) < 1e-9
         shape[t] = int(target_shape[t])
         if not identity:
             work += math.prod(shape)
@@ -280,8 +308,8 @@ def _linear_along(values: torch.Tensor, dim: int, coords: np.ndarray) -> torch.T
     extent = int(values.shape[dim])
     i0 = np.clip(np.floor(coords), 0, extent - 1).astype(np.int64)
     frac = (coords - i0).astype(np.float32)
-    if not frac.any() and i0[0] == 0 and len(i0) == extent and np.array_equal(i0, np.arange(extent)):
-        return values  # the grid is the block along this axis
+    if not frac.any() and np.array_equal(i0, np.arange(i0[0], i0[0] + len(i0))):
+        return values.narrow(dim, int(i0[0]), len(i0))  # target voxels are source voxels: no copy
     i1 = np.minimum(i0 + 1, extent - 1)
     left = _take(values, dim, i0)
     if not frac.any():
@@ -317,27 +345,20 @@ def _resample_separable(
         source_shape: Spatial shape of the source.
         chunk_bytes: Budget for one chunk's temporaries.
     """
-    size = np.asarray(source_shape, dtype=np.float64)
+    size = [int(n) for n in source_shape]
     target_shape = tuple(int(n) for n in out.shape[1:])
-    coords = [
-        np.clip(voxel_map[axes[t], t] * np.arange(target_shape[t]) + voxel_map[axes[t], 3], 0, size[axes[t]] - 1)
-        for t in range(3)
-    ]
+    coords = _axis_coords(voxel_map, axes, size, target_shape)
     c = int(out.shape[0])
     plane = max(target_shape[1] * target_shape[2], int(size[axes[1]] * size[axes[2]]))
     scale = max(1.0, float(size[axes[0]]) / max(1, target_shape[0]))  # source planes per target plane
     step = max(1, min(target_shape[0], int(chunk_bytes // max(1.0, 4 * c * 3 * plane * scale))))
-    order = sorted(range(1, 3), key=lambda t: target_shape[t] / size[axes[t]])  # shrinking axes first
+    order = _pass_order([size[a] for a in axes], target_shape)
     for x0 in range(0, target_shape[0], step):
         x1 = min(target_shape[0], x0 + step)
         chunk_coords = [coords[0][x0:x1], coords[1], coords[2]]
-        lo = np.zeros(3, dtype=np.int64)
-        hi = np.zeros(3, dtype=np.int64)
-        for t in range(3):
-            lo[axes[t]] = math.floor(float(chunk_coords[t].min()))
-            hi[axes[t]] = min(int(size[axes[t]]), math.floor(float(chunk_coords[t].max())) + 2)
+        lo, hi = _chunk_bounds(chunk_coords, axes, size)
         values = block_fn(lo, hi).permute(0, 1 + axes[0], 1 + axes[1], 1 + axes[2])  # target axis order
-        for t in (0, *order):
+        for t in order:
             values = _linear_along(values, t + 1, chunk_coords[t] - lo[axes[t]])
         out[:, x0:x1] = values
 
@@ -473,21 +494,13 @@ def _labels_separable(
     """
     k = int(logits.shape[0])
     labels = np.zeros(target_shape, dtype=label_dtype(k - 1))
-    size = np.asarray(net_shape, dtype=np.float64)
-    per_axis = [
-        np.clip(voxel_map[axes[t], t] * np.arange(target_shape[t]) + voxel_map[axes[t], 3], 0, size[axes[t]] - 1)
-        for t in range(3)
-    ]
+    per_axis = _axis_coords(voxel_map, axes, net_shape, target_shape)
     plane = target_shape[1] * target_shape[2]
     step = max(1, min(target_shape[0], chunk_bytes // max(1, (4 * k + 16) * plane)))
     for x0 in range(0, target_shape[0], step):
         x1 = min(target_shape[0], x0 + step)
         coords = [per_axis[0][x0:x1], per_axis[1], per_axis[2]]  # target axis t runs along network axis axes[t]
-        lo = np.zeros(3, dtype=np.int64)
-        hi = np.zeros(3, dtype=np.int64)
-        for t in range(3):
-            lo[axes[t]] = math.floor(float(coords[t].min()))
-            hi[axes[t]] = min(int(size[axes[t]]), math.floor(float(coords[t].max())) + 2)
+        lo, hi = _chunk_bounds(coords, axes, net_shape)
         block = _logit_block(logits, offset, lo, hi)  # (K, network axes), contiguous
         left, right, frac = [], [], []
         for t in range(3):

@@ -93,7 +93,7 @@ def use_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:
     Only with reduced precision.  On the project CPU (AMX, ``benchmarks/bench_inference.py``,
     MONAI U-Net 16-256, 96³ windows) a bf16 network call takes 42-54 ms channels-last against
     55-57 ms contiguous, once the instance norms run on contiguous copies
-    (:class:`medseg.infer.fastnet.ContiguousNorm`); whole sliding-window runs measured 1.13x and
+    (:class:`medseg.infer.fastnet.ChannelsLastNorm`); whole sliding-window runs measured 1.13x and
     0.97x in two runs.  In fp32 channels-last measured 0.99-1.14x: not worth a layout change.
     On CUDA with AMP it is the tensor-core layout of cuDNN (not measured here, no GPU).
     """
