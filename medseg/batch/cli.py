@@ -14,10 +14,11 @@ from typing import Any
 
 from medseg.errors import run_reporting_errors
 
-__all__ = ["add_batch_parser", "main", "print_summary"]
+__all__ = ["add_batch_parser", "main", "parse_outputs", "print_summary"]
 
 
-def _outputs(text: str) -> tuple[str, ...]:
+def parse_outputs(text: str) -> tuple[str, ...]:
+    """Parse ``--outputs`` (an argparse type): comma-separated batch output kinds, de-duplicated in order."""
     from medseg.batch.runner import OUTPUTS
 
     items = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
@@ -36,7 +37,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--outputs",
-        type=_outputs,
+        type=parse_outputs,
         default=("nifti", "json"),
         help="comma-separated: nifti, seg (DICOM SEG), rtstruct, json (volumes per class); default nifti,json",
     )

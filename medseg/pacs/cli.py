@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from medseg.batch.cli import parse_outputs
 from medseg.errors import run_reporting_errors
 
 __all__ = ["add_listen_parser", "add_pacs_parser", "main"]
@@ -33,16 +34,6 @@ _FILTER_FLAGS = (
     ("--body-part", "BodyPartExamined", "BodyPartExamined"),
     ("--series-uid", "SeriesInstanceUID", "SeriesInstanceUID (comma-separated list allowed)"),
 )
-
-
-def _outputs(text: str) -> tuple[str, ...]:
-    from medseg.batch.runner import OUTPUTS
-
-    items = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
-    bad = [p for p in items if p not in OUTPUTS]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown output(s) {bad or '(none)'}; choose from {','.join(OUTPUTS)}")
-    return items
 
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
@@ -197,7 +188,7 @@ def _add_segment_options(p: argparse.ArgumentParser, *, default_outputs: tuple[s
     p.add_argument("--out", required=True, help="output folder (manifest, inputs, results, summaries)")
     p.add_argument(
         "--outputs",
-        type=_outputs,
+        type=parse_outputs,
         default=default_outputs,
         help=f"comma-separated: seg, rtstruct, nifti, json (default {','.join(default_outputs)})",
     )
