@@ -18,7 +18,9 @@ __all__ = ["build_parser", "main"]
 def _cmd_demo(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.demo import default_demo_config, run_demo
+    from medseg.io.paths import refuse_input_overlap
 
+    refuse_input_overlap([args.out], [args.data, args.config], what="output folder")
     config = load_config(args.config) if args.config else default_demo_config()
     if args.iterations:
         config.train.iterations = args.iterations

@@ -17,6 +17,7 @@ from medseg.errors import DatasetError
 from medseg.evaluate import evaluate_folders
 from medseg.infer.predictor import Predictor
 from medseg.infer.run import predict_to_folder
+from medseg.io.paths import refuse_input_overlap
 from medseg.sample_data import generate_dataset
 from medseg.train.loop import train
 from medseg.types import PathLike
@@ -69,6 +70,7 @@ def run_demo(
     out = Path(out_dir)
     config = config or default_demo_config()
     dataset = Path(data) if data is not None else locate_sample_dataset()
+    refuse_input_overlap([out], [dataset], what="output folder")
     if dataset is None:
         dataset = out / "data" / DEMO_DATASET
         if not (dataset / "dataset.json").is_file():

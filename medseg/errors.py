@@ -19,6 +19,7 @@ __all__ = [
     "MedsegError",
     "ModelError",
     "OutputExistsError",
+    "OutputPathError",
     "reraise_medseg",
     "run_reporting_errors",
 ]
@@ -59,6 +60,15 @@ class OutputExistsError(MedsegError):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         super().__init__(f"{self.path}: output exists (pass --overwrite to replace it)")
+
+
+class OutputPathError(MedsegError):
+    """An output location is unusable: it is, contains or lies inside an input, or cannot be written."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
 
 
 @contextlib.contextmanager

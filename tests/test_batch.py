@@ -203,12 +203,13 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     code = batch_main([str(tmp_path / "nope"), "--model", str(tmp_path), "--out", str(tmp_path / "o")])
     assert code == 2 and "nope: no such folder" in capsys.readouterr().err
     (tmp_path / "archive").mkdir()
-    code = batch_main([str(tmp_path / "archive"), "--model", str(tmp_path), "--out", str(tmp_path / "archive" / "o")])
-    assert code == 2 and "must not be inside the input archive" in capsys.readouterr().err
+    model = tmp_path / "model"
+    code = batch_main([str(tmp_path / "archive"), "--model", str(model), "--out", str(tmp_path / "archive" / "o")])
+    assert code == 2 and "output folder lies inside the input folder" in capsys.readouterr().err
     rules = tmp_path / "rules.yaml"
     rules.write_text("selections: [{name: a, conditions: {Modaliy: CT}}]")
     code = batch_main(
-        [str(tmp_path / "archive"), "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--rules", str(rules)]
+        [str(tmp_path / "archive"), "--model", str(model), "--out", str(tmp_path / "o"), "--rules", str(rules)]
     )
     assert code == 2 and "unknown attribute 'Modaliy'" in capsys.readouterr().err
 

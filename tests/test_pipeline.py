@@ -107,7 +107,7 @@ def test_missing_model_files_are_a_clear_error(tiny_model: Path, tmp_path: Path,
     (broken / "weights.pt").unlink()
     with pytest.raises(ModelError, match=r"missing weights\.pt"):
         load_model(broken)
-    rc = main(["predict", "--model", str(broken), "--out", str(tmp_path / "o"), "--quiet", str(tmp_path)])
+    rc = main(["predict", "--model", str(broken), "--out", str(tmp_path / "o"), "--quiet", str(tmp_path / "in")])
     assert rc == 2
     assert "missing weights.pt" in capsys.readouterr().err
 

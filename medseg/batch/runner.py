@@ -61,6 +61,7 @@ from medseg.batch.manifest import Claim, Manifest, SeriesRecord, fingerprint_fil
 from medseg.batch.selection import IDENTIFYING, SelectionRules, SeriesInfo, load_rules, plane_of
 from medseg.errors import ConfigError, InputError, MedsegError
 from medseg.io.images import write_json_atomic, write_volume
+from medseg.io.paths import check_output_dir, overlap, refuse_input_overlap
 from medseg.io.volume import Volume
 from medseg.types import PathLike
 
@@ -380,6 +381,10 @@ def _slug(text: str, limit: int) -> str:
     return slug[:limit].strip("._-")
 
 
+#: Sub-folder of OUT that may hold the input archive (a PACS run stages retrieved series there).
+STAGED_INPUTS = "inputs"
+
+
 def series_dir_name(*, key: str, study_uid: str, series_number: int | None, description: str) -> Path:
     """Relative output folder of a series: ``<study>/<number>-<description>-<hash>`` (sanitised)."""
     study = _slug(study_uid, 64) or "no-study-uid"
@@ -592,7 +597,11 @@ class _Runner:
         relative = series_dir_name(
             key=claim.key, study_uid=claim.study_uid, series_number=claim.series_number, description=claim.description
         )
-        return _inside(self.out, relative)
+        target = _inside(self.out, relative)
+        for source in (self.root, self.model_dir):  # e.g. a StudyInstanceUID spelling the staged inputs folder
+            if overlap(target, source) is not None:
+                raise MedsegError(f"{target}: the output folder of series {claim.key} would be inside input {source}")
+        return target
 
     def _adoptable(self, claim: Claim) -> dict[str, Any] | None:
         """The marker of an output folder completed by a run killed before it could record it."""
@@ -930,8 +939,12 @@ def run_batch(
     out = Path(out_dir).resolve()
     if not root.is_dir():
         raise InputError(root, "no such folder" if not root.exists() else "not a folder")
-    if out == root or out.is_relative_to(root):
-        raise ConfigError(f"{out}: the output folder must not be inside the input archive {root}")
+    refuse_input_overlap([out], [model], what="output folder")
+    if root != out / STAGED_INPUTS:  # OUT/inputs: series a PACS run retrieved itself (medseg.pacs.run)
+        refuse_input_overlap([out], [root], what="output folder")
+    if options.rules is not None and overlap(out, options.rules) in ("is", "lies inside"):
+        refuse_input_overlap([out], [options.rules], what="output folder")  # (read before anything is written)
+    check_output_dir(out)
     rank, world, local_rank, local_world = distributed_env(options.rank, options.world_size)
     rules = load_rules(options.rules)
     out.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ __all__ = [
     "DatasetInfo",
     "ValidationReport",
     "case_group",
+    "dataset_inputs",
     "find_cases",
     "load_dataset",
     "read_dataset",
@@ -130,6 +131,22 @@ class DatasetInfo:
     def num_classes(self) -> int:
         """Number of output classes including background."""
         return max(self.label_names) + 1
+
+
+def dataset_inputs(info: DatasetInfo) -> list[Path]:
+    """Every path a dataset reads: its description file, its folder (nnU-Net/MSD layout) and each case's files.
+
+    Outputs (model folders, plans) must not be, contain or lie inside any of them
+    (:func:`medseg.io.paths.refuse_input_overlap`).
+    """
+    paths: list[Path] = [info.source] if info.source is not None else []
+    if info.source is None or info.source.name == "dataset.json":
+        paths.append(info.root)
+    for case in (*info.training, *info.validation, *info.test):
+        paths.extend(case.images)
+        if case.label is not None:
+            paths.append(case.label)
+    return paths
 
 
 # ----------------------------------------------------------------- nnU-Net / MSD folders

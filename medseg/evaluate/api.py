@@ -42,6 +42,7 @@ from medseg.evaluate.overlays import error_focus, render_overlay_png
 from medseg.evaluate.report import OVERLAY_DIR, REPORT_FILES, OverlayImage, write_report
 from medseg.evaluate.surface import SURFACE_COLUMNS
 from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, load_volume, split_suffix
+from medseg.io.paths import check_output_dir, refuse_input_overlap
 from medseg.types import PathLike
 
 __all__ = ["Problem", "evaluate_folders", "find_label_files", "present_labels"]
@@ -142,6 +143,8 @@ def evaluate_folders(
         structures: list[Structure] | None = make_structures(label_names, regions)  # validates regions now
     else:
         structures = None
+    refuse_input_overlap([out_dir], [pred, ref, images], what="report folder")
+    check_output_dir(out_dir, what="report folder")
     if not overwrite:
         _require_absent(out_dir)
     problems: list[Problem] = []

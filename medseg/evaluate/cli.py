@@ -64,7 +64,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``medseg evaluate`` with parsed arguments; returns the exit code."""
     from medseg.evaluate.api import Problem, evaluate_folders
     from medseg.evaluate.inputs import load_label_names, load_regions
+    from medseg.io.paths import refuse_input_overlap
 
+    regions_file = args.regions if args.regions and Path(args.regions).exists() else None
+    inputs = [args.pred, args.ref, args.images, args.labels, regions_file]
+    refuse_input_overlap([args.out], inputs, what="report folder")
     label_names: dict[int, str] | None = None
     regions: dict[str, list[Any]] = {}
     if args.labels:

@@ -119,8 +119,11 @@ def run_predict(args: argparse.Namespace) -> int:
     from medseg.errors import ConfigError
     from medseg.infer.predictor import Predictor
     from medseg.infer.run import predict_to_folder
+    from medseg.io.paths import check_output_dir, refuse_input_overlap
     from medseg.models.package import load_model
 
+    refuse_input_overlap([args.out], [*args.inputs, *args.model], what="output folder")  # before any work
+    check_output_dir(args.out)
     models = [load_model(m) for m in args.model]
     try:
         infer = InferConfig.model_validate({**models[0].config.infer.model_dump(), **infer_overrides(args)})

@@ -21,6 +21,7 @@ from medseg.errors import InputError, MedsegError
 from medseg.infer.outputs import probability_path, write_probabilities
 from medseg.infer.predictor import Predictor, ProbabilityDtype
 from medseg.io import VOLUME_SUFFIXES, is_dicom_file, load_volume, split_suffix, write_volume
+from medseg.io.paths import check_output_dir, refuse_input_overlap
 from medseg.types import PathLike
 
 __all__ = ["CaseInput", "group_inputs", "predict_to_folder"]
@@ -106,7 +107,19 @@ def predict_to_folder(
         One record per case.
     """
     out = Path(out_dir)
+    if split_suffix(f"x{suffix}")[1] not in VOLUME_SUFFIXES or suffix.lower() == ".mhd":
+        raise MedsegError(f"{suffix!r}: unknown label file format (use .nii.gz, .nii, .nrrd or .mha)")
+    model_dirs = [getattr(m, "path", None) for m in getattr(predictor, "models", [])]
+    refuse_input_overlap([out], [*inputs, *model_dirs], what="output folder")
+    check_output_dir(out)
     cases = group_inputs(inputs, num_channels=len(predictor.model.plan.channels))
+    sources = [s for case in cases for s in case.sources]
+    targets = [out / "prediction.yaml"]
+    for case in cases:
+        targets.append(out / f"{case.case_id}{suffix}")
+        if probabilities:
+            targets.append(probability_path(targets[-1]))
+    refuse_input_overlap(targets, sources)  # e.g. a symlink inside OUT pointing into an input folder
     records: list[dict[str, Any]] = []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
     for case in bar:

@@ -190,6 +190,9 @@ def convert_annotation(args: argparse.Namespace) -> int | None:
     """
     source = Path(args.input)
     target = getattr(args, "to", None)
+    from medseg.io.paths import refuse_input_overlap
+
+    refuse_input_overlap([_output(args)], [source, getattr(args, "reference", None)], what="output")
     if target == "rtstruct":
         return _labels_to_rtstruct(args, source)
     if source.is_file() and source.name.lower().endswith(".json"):
@@ -234,6 +237,9 @@ def _check_instance_options(args: argparse.Namespace) -> None:
 
 
 def _rtstructs_to_labels(args: argparse.Namespace, files: list[Path], reference: Path) -> int:
+    from medseg.io.paths import refuse_input_overlap
+
+    refuse_input_overlap([_output(args)], [reference], what="output")  # the default reference is a folder
     _check_instance_options(args)
     rois = [r.strip() for r in args.rois.split(",") if r.strip()] if getattr(args, "rois", None) else None
     failures = 0

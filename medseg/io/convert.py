@@ -24,6 +24,7 @@ from medseg.errors import InputError, MedsegError, OutputExistsError
 from medseg.io.cli import add_convert_parser
 from medseg.io.dicom import DicomSeries, TiltPolicy, load_series, scan_dicom
 from medseg.io.images import VOLUME_SUFFIXES, read_image_file, split_suffix, write_json_atomic, write_volume
+from medseg.io.paths import check_output_dir, refuse_input_overlap
 from medseg.io.volume import Volume
 from medseg.types import PathLike
 
@@ -112,6 +113,9 @@ def convert(
     Raises:
         InputError: ``source`` is missing or holds nothing convertible.
     """
+    out = Path(out_dir)
+    refuse_input_overlap([out], [source], what="output folder")  # also: no re-ingesting earlier outputs
+    check_output_dir(out)
     items, skipped = plan_conversion(source, include_localizers=include_localizers)
     if select:
         wanted = set(select)
@@ -127,7 +131,6 @@ def convert(
         raise InputError(
             Path(source), "no DICOM image series or volume files to convert" + (f" ({reasons})" if reasons else "")
         )
-    out = Path(out_dir)
     records = []
     for item in items:
         record = _convert_one(item, out, overwrite=overwrite, tilt=tilt)

@@ -21,7 +21,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medseg.errors import InputError, MedsegError, OutputExistsError
+from medseg.errors import InputError, MedsegError, OutputExistsError, OutputPathError
+from medseg.io.paths import check_output_file, refuse_input_overlap
 from medseg.io.volume import Geometry, Volume, label_dtype
 from medseg.types import PathLike, VolumeKind
 
@@ -211,7 +212,10 @@ def atomic_paths(targets: Sequence[PathLike], *, overwrite: bool = False) -> Ite
         yield tmps
         _refuse_existing(paths, overwrite=overwrite)
         for tmp, target in zip(tmps, paths, strict=True):
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise OutputPathError(target, f"cannot write ({exc.strerror or exc})") from exc
     finally:
         for tmp in tmps:
             with contextlib.suppress(FileNotFoundError):
@@ -219,17 +223,22 @@ def atomic_paths(targets: Sequence[PathLike], *, overwrite: bool = False) -> Ite
 
 
 def _refuse_existing(targets: list[Path], *, overwrite: bool) -> None:
-    if not overwrite:
-        for target in targets:
-            if target.exists():
-                raise OutputExistsError(target)
+    for target in targets:
+        if target.is_dir():
+            raise OutputPathError(target, "output file is a folder")
+        if not overwrite and target.exists():
+            raise OutputExistsError(target)
 
 
 def _temporary_beside(target: Path) -> Path:
     """An empty file ``.<stem>.<random>.tmp<suffix>`` in ``target``'s folder (created), mode 0666 & ~umask."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stem, suffix = split_suffix(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=target.parent)
+    check_output_file(target)  # a file in the way of its folder, no write permission: say so
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stem, suffix = split_suffix(target)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=target.parent)
+    except OSError as exc:
+        raise OutputPathError(target, f"cannot create the output file ({exc.strerror or exc})") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -288,6 +297,8 @@ def write_volume(
     """
     path = Path(path)
     _, suffix = split_suffix(path)
+    if volume.source and os.path.exists(volume.source):
+        refuse_input_overlap([path], [volume.source], what="output file")  # never over (or into) its own source
     array = volume.array
     if volume.kind == "label":
         max_label = int(array.max()) if array.size else 0

@@ -65,8 +65,11 @@ def _filters(args: argparse.Namespace) -> Any:
 
 
 def _profile(args: argparse.Namespace) -> Any:
+    from medseg.io.paths import refuse_input_overlap
     from medseg.pacs.profile import ListenerConfig, load_profile
 
+    inputs = [getattr(args, name, None) for name in ("profile", "model", "filters", "rules")]
+    refuse_input_overlap([getattr(args, "out", None)], inputs, what="output folder")
     profile = load_profile(args.profile)
     updates = {
         key: getattr(args, f"listen_{key}", None)

@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 from medseg.errors import ConfigError
 from medseg.io.images import write_json_atomic
+from medseg.io.paths import check_output_dir, refuse_input_overlap
 from medseg.pacs.errors import PacsConnectionError, PacsError, PacsNotFoundError
 from medseg.pacs.profile import PacsProfile
 from medseg.pacs.query import QueryFilters, RemoteSeries
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 EventHook = Callable[[str, dict[str, Any]], None]
-INPUTS = "inputs"
+INPUTS = "inputs"  # = medseg.batch.runner.STAGED_INPUTS (the only input folder OUT may contain)
 INCOMING = "incoming"
 TMP = ".pacs-tmp"
 RESULT_FILES = {"seg": "seg.dcm", "rtstruct": "rtstruct.dcm"}
@@ -439,6 +440,8 @@ def pacs_run(
         raise ConfigError(
             f"{filters.source}: no filters - refusing to retrieve every series of the PACS (pass --all to mean it)"
         )
+    refuse_input_overlap([out], [model], what="output folder")
+    check_output_dir(out)
     model_fingerprint(model)  # fail early on a bad model directory, before any transfer
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -637,6 +640,8 @@ def listen(
 
     options = options or PacsRunOptions()
     options.validate()
+    refuse_input_overlap([out], [model], what="output folder")
+    check_output_dir(out)
     model_fingerprint(model)
     cfg = profile.listener
     quiet = options.quiet_s if options.quiet_s is not None else cfg.quiet_s

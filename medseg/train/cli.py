@@ -27,14 +27,18 @@ def _is_main_rank() -> bool:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from medseg.config import load_config
-    from medseg.data.datasets import load_dataset, validate_dataset
+    from medseg.data.datasets import dataset_inputs, load_dataset, validate_dataset
     from medseg.data.plan import make_plan, save_plan
+    from medseg.io.paths import check_output_file, refuse_input_overlap
 
     out = Path(args.out)
+    refuse_input_overlap([out], [args.dataset, args.config], what="plan file")
+    check_output_file(out, what="plan file")
     if out.exists() and not args.overwrite:
         raise OutputExistsError(out)
     config = load_config(args.config)
     info = load_dataset(args.dataset)
+    refuse_input_overlap([out], dataset_inputs(info), what="plan file")
     report = validate_dataset(info, seed=config.seed, group_pattern=config.train.group_pattern, progress=not args.quiet)
     report.raise_for_problems()
     print(report.format())
@@ -69,10 +73,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from medseg.config import load_config
+    from medseg.io.paths import refuse_input_overlap
     from medseg.train.loop import train
 
     overrides = _overrides(args)
     out = Path(args.out)
+    refuse_input_overlap([out], [args.dataset, *([] if args.resume else [args.config, args.plan])], what="model folder")
     if args.resume:
         base = args.config or (out / "config.yaml")
         config = load_config(base, overrides=overrides) if (args.config or overrides) else None

@@ -38,11 +38,12 @@ from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
 from medseg.config import Config
-from medseg.data.datasets import DatasetInfo, load_dataset, validate_dataset
+from medseg.data.datasets import DatasetInfo, dataset_inputs, load_dataset, validate_dataset
 from medseg.data.plan import Plan, load_plan, make_plan, save_plan
 from medseg.data.transforms import cache_transforms, preprocess_transforms, random_transforms
 from medseg.errors import ConfigError, DatasetError, MedsegError, OutputExistsError
 from medseg.io.images import atomic_path, write_json_atomic
+from medseg.io.paths import check_output_dir, refuse_input_overlap
 from medseg.models.device import autocast, resolve_device, resolve_precision
 from medseg.models.networks import build_network, deep_supervision_weights
 from medseg.models.package import save_model
@@ -351,6 +352,9 @@ def _train(
         raise ConfigError("train() needs a config (or resume=True with a checkpoint)")
     tc = config.train
     info = dataset if isinstance(dataset, DatasetInfo) else load_dataset(dataset)
+    plan_file = None if isinstance(plan, Plan) or plan is None or resume else plan
+    refuse_input_overlap([out], [*dataset_inputs(info), plan_file], what="model folder")  # before any work
+    check_output_dir(out, what="model folder")
     given: Plan | None = plan if isinstance(plan, Plan) or plan is None else load_plan(plan)
 
     # ------------------------------------------------------------ validate, plan, split (rank 0 decides)
