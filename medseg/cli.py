@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``medseg`` command."""
     parser = argparse.ArgumentParser(prog="medseg", description="3D medical image segmentation with exact geometry.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--max-input-gb",
+        type=float,
+        default=None,
+        help="largest decoded volume a header may declare (default 16 GiB); larger declarations are refused",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train, predict and evaluate on the embedded phantom data (CPU, minutes)")
@@ -94,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.max_input_gb is not None:
+        from medseg.io.limits import set_read_limits
+
+        set_read_limits(max_volume_bytes=int(args.max_input_gb * 1024**3))
     return run_reporting_errors(lambda: args.func(args), command=f"medseg {args.command}", debug=args.debug)
 
 

@@ -74,6 +74,9 @@ class PreprocessConfig(_Strict):
         return value
 
 
+#: Bounds that keep a hand-edited (or hostile) config or plan from asking for terabytes of weights.
+MAX_FEATURES = 4096
+MAX_LEVELS = 12
 #: A per-level stride or kernel size: one int for all axes or one per (RAS) axis.
 AxisSizes = int | tuple[int, int, int]
 
@@ -91,9 +94,9 @@ class ModelConfig(_Strict):
     kernel_sizes: tuple[AxisSizes, ...] | Literal["auto"] = Field(
         default="auto", description="dynunet: convolution kernel per level (len(strides) + 1); auto = planned"
     )
-    base_features: int = Field(default=32, ge=1)
-    max_features: int = Field(default=320, ge=1)
-    num_res_units: int = Field(default=1, ge=0)
+    base_features: int = Field(default=32, ge=1, le=MAX_FEATURES)
+    max_features: int = Field(default=320, ge=1, le=MAX_FEATURES)
+    num_res_units: int = Field(default=1, ge=0, le=16)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     deep_supervision: bool = Field(default=False, description="dynunet only: auxiliary losses at coarser levels")
     deep_supervision_heads: int = Field(default=2, ge=1, description="number of auxiliary outputs")
@@ -106,6 +109,15 @@ class ModelConfig(_Strict):
         flat = [v for item in value for v in (item if isinstance(item, tuple) else (item,))]
         if any(s < 1 for s in flat):
             raise ValueError("strides and kernel sizes must be >= 1")
+        if any(s > 16 for s in flat) or len(value) > MAX_LEVELS:
+            raise ValueError(f"at most {MAX_LEVELS} levels of strides / kernel sizes up to 16")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _features(cls, value: Any) -> Any:
+        if value != "auto" and (len(value) > MAX_LEVELS + 1 or any(not 1 <= c <= MAX_FEATURES for c in value)):
+            raise ValueError(f"at most {MAX_LEVELS + 1} levels of 1..{MAX_FEATURES} features each")
         return value
 
     @model_validator(mode="after")
@@ -216,14 +228,10 @@ class Config(_Strict):
 
 
 def load_yaml(path: PathLike) -> Any:
-    """Read a YAML file; errors name the file."""
-    p = Path(path)
-    try:
-        return yaml.safe_load(p.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{p}: no such file") from exc
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    """Read a YAML file safely (bounded size and alias expansion, :mod:`medseg.io.safe_yaml`); errors name the file."""
+    from medseg.io.safe_yaml import load_yaml_file
+
+    return load_yaml_file(path)
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:

@@ -34,8 +34,8 @@ class InputError(MedsegError):
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = " ".join(reason.split())  # one line, whatever a library put in it
+        super().__init__(f"{self.path}: {self.reason}")
 
 
 class GeometryError(MedsegError):
@@ -100,7 +100,9 @@ def run_reporting_errors(handler: Callable[[], int], *, command: str, debug: boo
         debug: Re-raise :class:`MedsegError` (traceback) instead of printing it.
 
     Returns:
-        The handler's exit code; 2 after a :class:`MedsegError`, 130 after Ctrl-C.
+        The handler's exit code; 2 after a :class:`MedsegError` (or running out of memory), 130 after
+        Ctrl-C, 3 after an unexpected exception (a bug: one line asking for a report, never a traceback
+        unless ``debug``).
     """
     try:
         return int(handler())
@@ -112,3 +114,19 @@ def run_reporting_errors(handler: Callable[[], int], *, command: str, debug: boo
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        if debug:
+            raise
+        detail = f" ({exc})" if str(exc) else ""
+        print(f"{command}: error: out of memory{detail}; free memory or process smaller inputs", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if debug:
+            raise
+        text = (str(exc).strip().splitlines() or [""])[0]
+        print(
+            f"{command}: internal error: {type(exc).__name__}: {text} (a bug in medseg: please report it with the "
+            "output of --debug)",
+            file=sys.stderr,
+        )
+        return 3

@@ -40,7 +40,7 @@ def test_inconsistent_network_and_bad_yaml(tmp_path: Path) -> None:
         load_config(overrides={"model.channels": [8, 16], "model.strides": [2, 2]})
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(bad)
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "missing.yaml")

@@ -161,7 +161,7 @@ def test_unreadable_paths(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file or folder"):
         read_dicom_series(tmp_path / "missing")
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
-    with pytest.raises(InputError, match="no such file or folder"):
+    with pytest.raises(InputError, match="broken symlink"):
         load_volume(tmp_path / "dangling")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no DICOM image series found"):

@@ -135,7 +135,7 @@ def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
     assert ckpt.load_checkpoint(path)["iteration"] == 1
     # a truncated file (e.g. copied while being written elsewhere) is a clear error
     path.write_bytes(before[: len(before) // 2])
-    with pytest.raises(ModelError, match="unreadable checkpoint"):
+    with pytest.raises(ModelError, match="not a medseg training checkpoint"):
         ckpt.load_checkpoint(path)
 
 

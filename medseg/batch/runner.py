@@ -78,7 +78,14 @@ __all__ = [
 OUTPUTS = ("nifti", "seg", "rtstruct", "json")
 MARKER = ".medseg-series.json"
 _TMP = ".tmp"
-_NOT_SERIES_REASONS = ("not DICOM", "unreadable", "malformed header", "DICOMDIR")
+_NOT_SERIES_REASONS = (
+    "not DICOM",
+    "unreadable",
+    "malformed header",
+    "DICOMDIR",
+    "not a regular file",
+    "broken symlink",
+)
 
 
 @dataclass
@@ -258,7 +265,7 @@ def _non_image_series(
     tags = ["SeriesInstanceUID", "StudyInstanceUID", "Modality", "SeriesDescription", "SeriesNumber"]
     for path, reason in skipped:
         rel = os.path.relpath(path, root)
-        if reason.startswith(_NOT_SERIES_REASONS):
+        if reason.startswith(_NOT_SERIES_REASONS) or not path.is_file():  # (never open a FIFO: it blocks)
             ignored.append((rel, reason))
             continue
         try:

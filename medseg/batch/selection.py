@@ -425,13 +425,8 @@ def load_rules(path: PathLike | None) -> SelectionRules:
     """
     if path is None:
         return default_rules()
-    import yaml
+    from medseg.io.safe_yaml import load_yaml_file
 
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read rules ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML ({exc})") from exc
+    data = load_yaml_file(p, what="rules file")
     return parse_rules(data, source=str(p))

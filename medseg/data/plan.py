@@ -31,6 +31,7 @@ Rules (following nnU-Net's ``ExperimentPlanner``, re-implemented here):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,11 +124,18 @@ def _divisor(strides: Sequence[int | Sequence[int]]) -> tuple[int, int, int]:
     return (int(prod[0]), int(prod[1]), int(prod[2]))
 
 
+#: Limits on what a plan may ask for (a hand-edited or hostile plan.yaml is validated before anything is built).
+MAX_CHANNELS = 64
+MAX_CLASSES = 1024
+MAX_PATCH = 1024
+MAX_PARAMETERS = 1e9
+
+
 class NetworkPlan(ModelConfig):
     """The network to build: the model config with every ``auto`` resolved, plus its in/out channels."""
 
-    in_channels: int = Field(ge=1)
-    out_channels: int = Field(ge=2)
+    in_channels: int = Field(ge=1, le=MAX_CHANNELS)
+    out_channels: int = Field(ge=2, le=MAX_CLASSES)
 
     @model_validator(mode="after")
     def _concrete(self) -> NetworkPlan:
@@ -135,7 +143,16 @@ class NetworkPlan(ModelConfig):
             raise ValueError("a plan's network needs explicit channels and strides")
         if self.name == "dynunet" and self.kernel_sizes == "auto":
             raise ValueError("a plan's dynunet needs explicit kernel_sizes")
+        if (params := self.estimated_parameters()) > MAX_PARAMETERS:
+            raise ValueError(f"the network would have about {params:.3g} parameters (more than {MAX_PARAMETERS:.0e})")
         return self
+
+    def estimated_parameters(self) -> float:
+        """Rough parameter count (3x3x3 convolutions, two per level and unit, encoder + decoder)."""
+        assert self.channels != "auto"
+        features = [self.in_channels, *self.channels]
+        convs = 2 * (1 + self.num_res_units)
+        return float(sum(27 * a * b * convs for a, b in itertools.pairwise(features))) * 2
 
     @property
     def divisor(self) -> tuple[int, int, int]:
@@ -174,6 +191,8 @@ class Plan(BaseModel):
             raise ValueError(f"network.out_channels {self.network.out_channels} != {len(self.labels)} labels")
         if min(self.target_spacing) <= 0 or min(self.patch_size) < 1:
             raise ValueError("target_spacing and patch_size must be positive")
+        if not all(math.isfinite(s) for s in self.target_spacing) or max(self.patch_size) > MAX_PATCH:
+            raise ValueError(f"target_spacing must be finite and patch_size at most {MAX_PATCH} per axis")
         div = self.network.divisor
         if any(p % d for p, d in zip(self.patch_size, div, strict=True)):
             raise ValueError(f"patch_size {list(self.patch_size)} must be a multiple of {list(div)} (network strides)")

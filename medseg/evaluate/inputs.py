@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import yaml
 
 from medseg.errors import ConfigError, InputError
 from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, is_dicom_file, load_volume, split_suffix
+from medseg.io.safe_yaml import load_yaml_file, load_yaml_text
 from medseg.io.volume import label_dtype
 from medseg.types import PathLike
 
@@ -207,18 +207,13 @@ def load_regions(spec: PathLike | Mapping[str, Any]) -> dict[str, list[int | str
     else:
         text = str(spec)
         p = Path(text)
-        if p.is_file():
+        if p.exists():
             source = str(p)
-            try:
-                text = p.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{p}: cannot read regions ({exc})") from exc
+            raw = load_yaml_file(p, what="regions file")  # YAML is a superset of JSON
         elif not text.lstrip().startswith("{"):
             raise ConfigError(f"{text}: no such regions file (or give inline JSON like '{{\"wt\": [1, 2, 4]}}')")
-        try:
-            raw = yaml.safe_load(text)  # YAML is a superset of JSON
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML/JSON ({exc})") from exc
+        else:
+            raw = load_yaml_text(text, source=source)
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{source}: regions must be a non-empty mapping of name -> list of labels")
     out: dict[str, list[int | str]] = {}

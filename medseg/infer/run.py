@@ -21,7 +21,7 @@ from medseg.errors import InputError, MedsegError
 from medseg.infer.outputs import probability_path, write_probabilities
 from medseg.infer.predictor import Predictor, ProbabilityDtype
 from medseg.io import VOLUME_SUFFIXES, is_dicom_file, load_volume, split_suffix, write_volume
-from medseg.io.paths import check_output_dir, refuse_input_overlap
+from medseg.io.paths import check_output_dir, refuse_input_overlap, require_input
 from medseg.types import PathLike
 
 __all__ = ["CaseInput", "group_inputs", "predict_to_folder"]
@@ -38,12 +38,20 @@ class CaseInput:
 
 
 def _expand(path: Path) -> list[Path]:
-    if not path.exists():
-        raise InputError(path, "no such file or folder")
+    require_input(path)  # missing, broken symlink, FIFO/device: say so
     if path.is_file():
         return [path]
     volumes = sorted(p for p in path.iterdir() if p.is_file() and split_suffix(p)[1] in VOLUME_SUFFIXES)
     return volumes or [path]  # a folder without volume files is a DICOM series folder
+
+
+def _add_source(grouped: dict[str, dict[int, Path]], case_id: str, channel: int, path: Path) -> None:
+    """Record one channel file; the same case and channel from two different files is an error naming both."""
+    channels = grouped.setdefault(case_id, {})
+    previous = channels.get(channel)
+    if previous is not None and previous.resolve() != path.resolve():
+        raise InputError(path, f"case {case_id!r} (channel {channel}) is also given as {previous}; rename one of them")
+    channels[channel] = path
 
 
 def group_inputs(inputs: Sequence[PathLike], *, num_channels: int) -> list[CaseInput]:
@@ -53,7 +61,8 @@ def group_inputs(inputs: Sequence[PathLike], *, num_channels: int) -> list[CaseI
     DICOM folders are single-channel cases named after the file stem / folder.
 
     Raises:
-        InputError: A case has the wrong channels (all such cases are listed).
+        InputError: A case has the wrong channels (all such cases are listed), or two files give the same
+            case and channel (e.g. `a/case.nii.gz` and `b/case.nii.gz`); both are named.
     """
     grouped: dict[str, dict[int, Path]] = {}
     for raw in inputs:
@@ -61,12 +70,12 @@ def group_inputs(inputs: Sequence[PathLike], *, num_channels: int) -> list[CaseI
             if path.is_dir() or (path.is_file() and split_suffix(path)[1] not in VOLUME_SUFFIXES):
                 if path.is_file() and not is_dicom_file(path):
                     raise InputError(path, "not a volume file (.nii.gz, .nii, .nrrd, .mha) nor DICOM")
-                grouped.setdefault(path.name if path.is_dir() else path.stem, {})[0] = path
+                _add_source(grouped, path.name if path.is_dir() else path.stem, 0, path)
                 continue
             stem, _ = split_suffix(path)
             match = _CHANNEL_RE.match(stem)
             case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
-            grouped.setdefault(case_id, {})[channel] = path
+            _add_source(grouped, case_id, channel, path)
     problems = [
         f"{case_id}: channels {sorted(ch)} (model needs 0..{num_channels - 1})"
         for case_id, ch in grouped.items()
@@ -75,6 +84,16 @@ def group_inputs(inputs: Sequence[PathLike], *, num_channels: int) -> list[CaseI
     if problems:
         raise InputError(", ".join(map(str, inputs)), "inputs do not form complete cases: " + "; ".join(problems))
     return [CaseInput(case_id, [ch[i] for i in range(num_channels)]) for case_id, ch in sorted(grouped.items())]
+
+
+def _failure(exc: Exception, source: Path) -> str:
+    """One line for a failed case: a MedsegError's own message, else the file, the type and the reason."""
+    if isinstance(exc, MedsegError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"{source}: out of memory{f' ({exc})' if str(exc) else ''}"
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{source}: unexpected {type(exc).__name__}: {text} (please report this)"
 
 
 def predict_to_folder(
@@ -152,11 +171,10 @@ def predict_to_folder(
                 **result.timings,
                 write_s=round(time.perf_counter() - t_write, 4),
             )
-        except (MedsegError, MemoryError) as exc:
+        except Exception as exc:  # one bad case never stops the others
             for path in written:
                 path.unlink(missing_ok=True)
-            reason = str(exc) if isinstance(exc, MedsegError) else f"{case.sources[0]}: out of memory ({exc})"
-            record.update(status="failed", error=reason)
+            record.update(status="failed", error=_failure(exc, case.sources[0]))
         record["seconds"] = round(time.perf_counter() - t0, 3)
         records.append(record)
     dump_yaml({**predictor.describe(), "cases": records}, out / "prediction.yaml", overwrite=True)

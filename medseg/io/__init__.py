@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg._lazy import lazy_attributes
@@ -104,11 +103,10 @@ def load_volume(
     """
     from medseg.io.dicom import is_dicom_file, read_dicom_series
     from medseg.io.images import VOLUME_SUFFIXES, _as_labels, read_image_file, split_suffix
+    from medseg.io.paths import require_input
     from medseg.io.volume import Volume
 
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, "no such file or folder")
+    p = require_input(path)
     _, suffix = split_suffix(p)
     if p.is_file() and suffix in VOLUME_SUFFIXES:
         return read_image_file(p, kind=kind, allow_4d=allow_4d)

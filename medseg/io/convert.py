@@ -24,7 +24,7 @@ from medseg.errors import InputError, MedsegError, OutputExistsError
 from medseg.io.cli import add_convert_parser
 from medseg.io.dicom import DicomSeries, TiltPolicy, load_series, scan_dicom
 from medseg.io.images import VOLUME_SUFFIXES, read_image_file, split_suffix, write_json_atomic, write_volume
-from medseg.io.paths import check_output_dir, refuse_input_overlap
+from medseg.io.paths import check_output_dir, refuse_input_overlap, require_input
 from medseg.io.volume import Volume
 from medseg.types import PathLike
 
@@ -68,9 +68,7 @@ def plan_conversion(
     Raises:
         InputError: ``source`` does not exist.
     """
-    source = Path(source)
-    if not source.exists():
-        raise InputError(source, "no such file or folder")
+    source = require_input(source)
     if source.is_file() and split_suffix(source)[1] in VOLUME_SUFFIXES:
         return [ConvertItem(name=_safe(split_suffix(source)[0]) or "volume", path=source)], []
     scan = scan_dicom(source, include_localizers=include_localizers)
@@ -175,6 +173,9 @@ def _convert_one(item: ConvertItem, out: Path, *, overwrite: bool, tilt: TiltPol
         record["source"] = info["source"]
     except MedsegError as exc:
         record["error"] = str(exc)
+    except Exception as exc:  # one bad series never stops the others
+        text = (str(exc).strip().splitlines() or [""])[0]
+        record["error"] = f"{item.label}: unexpected {type(exc).__name__}: {text} (please report this)"
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 

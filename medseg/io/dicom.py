@@ -401,9 +401,9 @@ def scan_dicom(root: PathLike, *, include_localizers: bool = False) -> DicomScan
     Raises:
         InputError: ``root`` does not exist or cannot be listed.
     """
-    root = Path(root)
-    if not root.exists():
-        raise InputError(root, "no such file or folder")
+    from medseg.io.paths import require_input
+
+    root = require_input(root)
     skipped: list[tuple[Path, str]] = []
     headers: list[_FileHeader] = []
     for path in _walk(root, skipped):
@@ -441,6 +441,8 @@ def _walk(root: Path, skipped: list[tuple[Path, str]]) -> Iterator[Path]:
             path = Path(dirpath) / name
             if path.is_file():
                 yield path
+            else:  # FIFOs, devices, sockets, broken symlinks: never opened
+                skipped.append((path, "not a regular file" if path.exists() else "broken symlink"))
 
 
 _BINARY_FORMATS = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FD": "d", "FL": "f"}
@@ -565,13 +567,14 @@ def _read_header(path: Path, *, include_localizers: bool) -> _FileHeader | str:
                 with path.open("rb") as fh:  # the CSA header is needed: read the full header once more
                     ds = _FastHeader(pydicom.dcmread(fh, stop_before_pixels=True, force=True))
             layout = _pixel_layout(ds, pixel_pos, pixel_head)
+            _check_layout(path, layout)
             frames, multiframe = _frames(path, ds, mosaic=mosaic, include_localizers=include_localizers)
     except InputError as exc:
         return f"unusable: {exc.reason}"
     except (InvalidDicomError, OSError, EOFError) as exc:
         return f"unreadable: {type(exc).__name__}: {exc}"
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        return f"malformed header: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # pydicom: BytesLengthException, NotImplementedError (unknown VR), ValueError, ...
+        return f"malformed header: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     if not frames:
         return "localizer"
     uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
@@ -678,6 +681,21 @@ def _pixel_layout(ds: Any, pixel_pos: int, pixel_head: bytes) -> PixelLayout:
     else:
         offset, length = pixel_pos + 8, int.from_bytes(pixel_head[6:8], order)
     return PixelLayout(str(ts), offset, None if length == 0xFFFFFFFF else length, options)
+
+
+def _check_layout(path: Path, layout: PixelLayout) -> None:
+    from medseg.io.dicom_checks import check_pixel_header
+
+    ts = pydicom.uid.UID(layout.transfer_syntax)
+    deflated = ts == pydicom.uid.DeflatedExplicitVRLittleEndian
+    check_pixel_header(
+        path,
+        layout.options,
+        value_length=layout.value_length,
+        value_offset=layout.value_offset,
+        encapsulated=bool(ts.is_transfer_syntax and ts.is_encapsulated) or deflated,
+        data=False,  # (the data length is checked when the file is decoded, naming it in the series' error)
+    )
 
 
 def _syntax_from_encoding(ds: Any) -> pydicom.uid.UID:

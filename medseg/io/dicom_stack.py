@@ -32,6 +32,8 @@ import pydicom
 
 from medseg.errors import InputError
 from medseg.io.dicom import DicomFrame, DicomSeries, OutputDtype, PixelLayout, TiltPolicy
+from medseg.io.dicom_checks import check_codestream, check_decoded, check_pixel_header
+from medseg.io.limits import check_declared_size
 from medseg.io.volume import Geometry, Volume
 
 __all__ = ["decode_file", "stack_series"]
@@ -215,7 +217,13 @@ def _slice_spacing(
 ) -> float:
     n = len(along)
     if n == 1:
-        spacing = series.slice_thickness or 1.0
+        spacing = series.slice_thickness
+        if spacing is None or not np.isfinite(spacing) or spacing <= 0:  # never a silent 1 mm
+            raise InputError(
+                frames[0].path,
+                f"series {label} is a single slice without a positive SliceThickness ({spacing}): its slice "
+                "spacing is unknown",
+            )
         issues.append(f"single slice: slice spacing {spacing:g} mm taken from SliceThickness")
         return float(spacing)
     step = float(along[-1] - along[0]) / (n - 1)
@@ -319,7 +327,23 @@ def _decode_frames(series: DicomSeries, frames: list[DicomFrame], dtype: np.dtyp
     by_file: dict[Path, list[int]] = defaultdict(list)
     for index, frame in enumerate(frames):
         by_file[frame.path].append(index)
-    out = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=dtype)
+    for path in by_file:  # every file's pixel data present in full before anything is allocated
+        layout = series.layouts.get(path)
+        if layout is not None and layout.value_offset is not None:
+            check_pixel_header(
+                path,
+                layout.options,
+                value_length=layout.value_length,
+                value_offset=layout.value_offset,
+                encapsulated=pydicom.uid.UID(layout.transfer_syntax).is_encapsulated,
+            )
+    shape = (len(frames), frames[0].rows, frames[0].cols)
+    check_declared_size(
+        _common_folder([f.path for f in frames]),
+        int(np.prod(shape, dtype=object)) * dtype.itemsize,
+        what=f"the series ({shape[0]} frames of {shape[1]}x{shape[2]} {dtype.name})",
+    )
+    out = np.empty(shape, dtype=dtype)
     integral = np.issubdtype(dtype, np.integer)
 
     def fill(item: tuple[Path, list[int]]) -> None:
@@ -395,11 +419,16 @@ def decode_file(path: Path, layout: PixelLayout | None) -> np.ndarray:
                 array = array[None]
     except InputError:
         raise
-    except MemoryError:
-        raise
+    except MemoryError as exc:
+        need = f" ({_native_length(layout.options)} bytes declared)" if layout is not None else ""
+        raise InputError(path, f"out of memory while decoding the pixel data{need}") from exc
     except Exception as exc:  # pydicom and its plugins raise many types for bad pixel data
         syntax = _syntax_name(layout)
-        raise InputError(path, f"cannot decode pixel data{syntax}: {type(exc).__name__}: {exc}") from exc
+        text = (str(exc).strip().splitlines() or [""])[0]
+        raise InputError(path, f"cannot decode pixel data{syntax}: {type(exc).__name__}: {text}") from exc
+    if layout is not None:
+        compressed = bool(layout.transfer_syntax) and pydicom.uid.UID(layout.transfer_syntax).is_compressed
+        check_decoded(path, array, layout.options, compressed=compressed)
     return array
 
 
@@ -410,17 +439,16 @@ def _decode_at_offset(path: Path, layout: PixelLayout) -> np.ndarray:
     if options.get("samples_per_pixel", 1) > 1:
         raise InputError(path, f"colour images ({options['samples_per_pixel']} samples per pixel) are not supported")
     ts = pydicom.uid.UID(layout.transfer_syntax)
-    size = path.stat().st_size
     assert layout.value_offset is not None
-    if layout.value_length is not None:
-        expected = _native_length(options)
-        if ts.is_compressed:
-            expected = 0
-        if layout.value_length < expected or layout.value_offset + layout.value_length > size:
-            available = max(0, min(layout.value_length, size - layout.value_offset))
-            raise InputError(
-                path, f"truncated pixel data: {available} bytes for {expected or layout.value_length} expected"
-            )
+    check_pixel_header(  # sizes vs the bytes in the file, before anything is allocated
+        path,
+        options,
+        value_length=layout.value_length,
+        value_offset=layout.value_offset,
+        encapsulated=ts.is_encapsulated,
+    )
+    if ts.is_encapsulated:
+        check_codestream(path, str(ts), layout.value_offset)
     with path.open("rb") as fh:
         fh.seek(layout.value_offset)
         with warnings.catch_warnings():

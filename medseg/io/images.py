@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 import os
+import struct
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -22,7 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError, MedsegError, OutputExistsError, OutputPathError
-from medseg.io.paths import check_output_file, refuse_input_overlap
+from medseg.io.limits import check_declared_size
+from medseg.io.paths import check_output_file, refuse_input_overlap, require_readable_file
 from medseg.io.volume import Geometry, Volume, label_dtype
 from medseg.types import PathLike, VolumeKind
 
@@ -38,6 +41,8 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: Largest label value accepted (uint32): instance and panoptic maps fit, a stray 1e30 does not.
+MAX_LABEL = 2**32 - 1
 ITK_SUFFIXES = (".nrrd", ".seg.nrrd", ".mha", ".mhd", ".nhdr")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
@@ -67,11 +72,7 @@ def read_image_file(path: PathLike, *, kind: VolumeKind = "image", allow_4d: boo
     Raises:
         InputError: Unreadable, corrupt, not 3D, or containing NaN/inf values.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "no such file" if not p.exists() else "not a regular file")
-    if not os.access(p, os.R_OK):
-        raise InputError(p, "permission denied")
+    p = require_readable_file(path)
     _, suffix = split_suffix(p)
     if suffix in NIFTI_SUFFIXES:
         array, geometry = _read_nifti(p)
@@ -81,6 +82,8 @@ def read_image_file(path: PathLike, *, kind: VolumeKind = "image", allow_4d: boo
         raise InputError(p, f"unknown volume format {suffix!r} (expected one of {', '.join(VOLUME_SUFFIXES)})")
     if array.ndim != 4 or (array.shape[0] > 1 and not allow_4d):
         raise InputError(p, f"expected a 3D volume, got array shape {array.shape[1:]} with {array.shape[0]} channels")
+    if array.dtype.kind not in "biuf":
+        raise InputError(p, f"unsupported voxel type {array.dtype} (expected integers or real numbers)")
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise InputError(p, "contains NaN or infinite values")
     if kind == "label":
@@ -89,18 +92,140 @@ def read_image_file(path: PathLike, *, kind: VolumeKind = "image", allow_4d: boo
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Header first (declared size vs bytes present and the read limit), then the voxels."""
     try:
-        img: Any = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError, ValueError) as exc:
-        raise InputError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
-    if data.ndim < 3:
-        raise InputError(path, f"expected a 3D volume, got {data.ndim}D data of shape {data.shape}")
-    if data.ndim > 3:
-        extra = data.shape[3:]
-        data = data.reshape(data.shape[:3]) if int(np.prod(extra)) == 1 else data.reshape(*data.shape[:3], -1)
+        img: Any = nib.load(str(path))  # reads the header only; the data stay in the file
+        header = img.header
+        shape = tuple(int(d) for d in img.dataobj.shape)
+        dtype = np.dtype(img.dataobj.dtype)
+        offset = int(img.dataobj.offset)  # (vox_offset 0 in a single file means "right after the header")
+        zooms = _raw_pixdim(path)  # (nibabel silently turns a zero pixdim into 1 when it reads the header)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        sform_code = int(header["sform_code"])
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel raises HeaderDataError, ValueError, OverflowError, zlib.error, ...
+        raise InputError(path, f"cannot read NIfTI header ({_nifti_header_problem(path) or _reason(exc)})") from exc
+    _check_nifti_header(path, shape, dtype, offset, zooms, sform_code)
+    try:
+        if split_suffix(path)[1] == ".nii.gz":
+            raw = _read_gzip_voxels(path, offset, shape, dtype)
+            data = _apply_nifti_scaling(raw, img.dataobj.slope, img.dataobj.inter)
+        else:
+            data = np.asanyarray(img.dataobj)  # memory-mapped; the size was checked against the file
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:
+        raise InputError(path, f"cannot read NIfTI voxel data ({_reason(exc)})") from exc
+    if len(shape) > 3:
+        extra = shape[3:]
+        data = data.reshape(shape[:3]) if int(np.prod(extra)) == 1 else data.reshape(*shape[:3], -1)
     array = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
-    return np.ascontiguousarray(array), Geometry(shape=data.shape[:3], affine=img.affine)
+    return np.ascontiguousarray(array), _geometry(path, shape[:3], affine)
+
+
+def _raw_pixdim(path: Path) -> np.ndarray:
+    """``pixdim[1:4]`` as stored in the file (NIfTI-1 or NIfTI-2, either byte order)."""
+    opener: Any = gzip.open if split_suffix(path)[1] == ".nii.gz" else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+    for order in ("<", ">"):
+        (size,) = struct.unpack_from(f"{order}i", head, 0)
+        if size == 348:
+            return np.asarray(struct.unpack_from(f"{order}8f", head, 76)[1:4], dtype=np.float64)
+        if size == 540:
+            return np.asarray(struct.unpack_from(f"{order}8d", head, 104)[1:4], dtype=np.float64)
+    raise InputError(path, "not a NIfTI header (sizeof_hdr is neither 348 nor 540)")
+
+
+def _nifti_header_problem(path: Path) -> str | None:
+    """A plain reason when the header bytes themselves are missing or not decompressible."""
+    try:
+        opener: Any = gzip.open if split_suffix(path)[1] == ".nii.gz" else open
+        with opener(path, "rb") as fh:
+            head = fh.read(540)
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"corrupt compressed data: {_reason(exc)}"
+    if len(head) < 348:
+        return f"the file holds {len(head)} bytes, less than a 348-byte NIfTI header"
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line of the message`` (library messages can span many lines)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _geometry(path: Path, shape: Sequence[int], affine: np.ndarray) -> Geometry:
+    """The grid, or an :class:`InputError` naming the file (singular / non-finite affine, zero sizes)."""
+    try:
+        return Geometry(shape=tuple(int(v) for v in shape), affine=affine)  # type: ignore[arg-type]
+    except MedsegError as exc:
+        raise InputError(path, f"invalid geometry in the header: {exc}") from None
+
+
+def _check_nifti_header(
+    path: Path, shape: tuple[int, ...], dtype: np.dtype, offset: int, zooms: np.ndarray, sform_code: int
+) -> None:
+    if len(shape) < 3:
+        raise InputError(path, f"expected a 3D volume, got {len(shape)}D data of shape {shape}")
+    if min(shape) <= 0:
+        raise InputError(path, f"the header declares a zero or negative dimension (shape {shape})")
+    if sform_code <= 0 and not (np.all(np.isfinite(zooms)) and np.all(zooms > 0)):
+        # nibabel (and ITK) would silently use 1 mm for a zero pixdim; the true spacing is unknown.
+        raise InputError(path, f"voxel size (pixdim) {tuple(float(z) for z in zooms)} is not positive and finite")
+    if offset < 0:
+        raise InputError(path, f"negative voxel data offset {offset}")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    size = path.stat().st_size
+    what = f"the header ({'x'.join(map(str, shape))} {dtype.name})"
+    if split_suffix(path)[1] == ".nii.gz":
+        check_declared_size(path, declared, what=what, compressed=size)
+    else:
+        check_declared_size(path, declared, what=what, present=size - offset)
+
+
+_GZIP_CHUNK = 64 * 1024 * 1024
+
+
+def _read_gzip_voxels(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Stream the voxels of a ``.nii.gz`` into an array whose pages are only touched as data arrive.
+
+    nibabel allocates (and zeroes) the size the header declares before reading; a lying header
+    then costs that much memory before the short read is noticed.
+    """
+    declared = math.prod(shape) * dtype.itemsize
+    buffer = np.empty(declared, dtype=np.uint8)
+    view = buffer.data  # (a memoryview of the array)
+    filled = 0
+    with gzip.open(path, "rb") as fh:
+        try:
+            skipped = len(fh.read(offset)) if offset else 0
+            if skipped < offset:
+                raise InputError(path, f"truncated: the file ends before the voxel data offset {offset}")
+            while filled < declared:
+                n = fh.readinto(view[filled : filled + _GZIP_CHUNK])
+                if not n:
+                    break
+                filled += n
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            reason = f"truncated or corrupt compressed data after {filled} of {declared} bytes of voxels"
+            raise InputError(path, f"{reason} ({_reason(exc)})") from exc
+    if filled < declared:
+        what = f"the header ({'x'.join(map(str, shape))} {dtype.name})"
+        raise InputError(path, f"truncated: {filled} bytes of voxel data for {declared} declared by {what}")
+    return buffer.view(dtype).reshape(shape, order="F")
+
+
+def _apply_nifti_scaling(raw: np.ndarray, slope: Any, inter: Any) -> np.ndarray:
+    """``scl_slope``/``scl_inter`` exactly as nibabel's ``ArrayProxy`` applies them."""
+    from nibabel.volumeutils import apply_read_scaling
+
+    scl_slope, scl_inter = np.asanyarray(slope), np.asanyarray(inter)
+    if np.can_cast(scl_inter, scl_slope.dtype):
+        scl_inter = scl_inter.astype(scl_slope.dtype)
+    return apply_read_scaling(raw, scl_slope, scl_inter)
 
 
 def _detached_data_file(path: Path) -> Path | None:
@@ -123,40 +248,156 @@ def _detached_data_file(path: Path) -> Path | None:
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Header first (SimpleITK ``ReadImageInformation``; size vs bytes present and the read limit), then pixels."""
     data_file = _detached_data_file(path)
-    if data_file is not None and not data_file.is_file():
-        raise InputError(path, f"its data file {data_file.name} ({data_file}) does not exist")
+    if data_file is not None:
+        if not data_file.is_file():
+            raise InputError(path, f"its data file {data_file.name} ({data_file}) does not exist")
+        require_readable_file(data_file, what="data file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        dimension = reader.GetDimension()
+        size = tuple(int(v) for v in reader.GetSize())
+        components = int(reader.GetNumberOfComponents())
+        itemsize = _itk_itemsize(reader.GetPixelID(), dimension, components)
+        spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InputError(path, f"cannot read image ({_itk_reason(exc)})") from exc
+    if dimension != 3:
+        raise InputError(path, f"expected a 3D volume, got {dimension}D")
+    if min(size) <= 0:
+        raise InputError(path, f"the header declares a zero dimension (size {size})")
+    if not (np.all(np.isfinite(spacing)) and min(spacing) > 0):
+        raise InputError(path, f"voxel spacing {tuple(spacing)} is not positive and finite")
+    if not (np.all(np.isfinite(origin)) and np.all(np.isfinite(direction))):
+        raise InputError(path, "origin or direction is not finite")
+    declared = int(np.prod(size, dtype=object)) * components * itemsize
+    present, compressed = _itk_data_extent(path, data_file)
+    what = f"the header ({'x'.join(map(str, size))} x {components} x {itemsize} bytes)"
+    check_declared_size(path, declared, what=what, present=present, compressed=compressed)
     try:
         image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(path, f"cannot read image ({reason})") from exc
-    if image.GetDimension() != 3:
-        raise InputError(path, f"expected a 3D volume, got {image.GetDimension()}D")
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InputError(path, f"cannot read image ({_itk_reason(exc)})") from exc
     data = sitk.GetArrayFromImage(image)  # (Z, Y, X) or (Z, Y, X, C)
     vector = image.GetNumberOfComponentsPerPixel() > 1
     array = data.transpose(3, 2, 1, 0) if vector else data.transpose(2, 1, 0)[None]
-    geometry = Geometry.from_itk(
-        shape=image.GetSize(),  # type: ignore[arg-type]
-        spacing=image.GetSpacing(),
-        origin=image.GetOrigin(),
-        direction=image.GetDirection(),
-    )
+    try:
+        geometry = Geometry.from_itk(
+            shape=image.GetSize(),  # type: ignore[arg-type]
+            spacing=image.GetSpacing(),
+            origin=image.GetOrigin(),
+            direction=image.GetDirection(),
+        )
+    except MedsegError as exc:
+        raise InputError(path, f"invalid geometry in the header: {exc}") from None
     return np.ascontiguousarray(array), geometry
+
+
+def _itk_reason(exc: BaseException) -> str:
+    """The informative line of an ITK exception (the last non-empty one, without source locations)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("/", "sitk::ERROR")) and "ITK-" not in line] or lines
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _itk_itemsize(pixel_id: int, dimension: int, components: int) -> int:
+    try:
+        probe = sitk.Image([1] * max(dimension, 2), pixel_id, max(components, 1))
+        dtype = sitk.GetArrayViewFromImage(probe).dtype
+    except Exception:
+        return 8
+    return int(dtype.itemsize)
+
+
+def _itk_data_extent(path: Path, data_file: Path | None) -> tuple[int | None, int | None]:
+    """``(bytes of raw voxel data present, bytes of compressed voxel data)`` of an NRRD/MetaImage file.
+
+    Parsed from the text header (where the data start, whether they are compressed); ``(None, None)``
+    when the layout is not one of the plain cases (text encodings, file lists, ...): then only the
+    read limit applies.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(1 << 20)
+    except OSError:
+        return None, None
+    suffix = split_suffix(path)[1]
+    if suffix in (".mha", ".mhd"):
+        fields, end = _meta_header(head)
+        compressed = fields.get("compresseddata", "false").lower() == "true"
+        local = fields.get("elementdatafile", "").upper() == "LOCAL"
+    else:
+        fields, end = _nrrd_header(head)
+        encoding = fields.get("encoding", "raw").lower()
+        if encoding not in ("raw", "gzip", "gz", "bzip2", "bz2"):
+            return None, None
+        compressed = encoding != "raw"
+        local = data_file is None and "data file" not in fields and "datafile" not in fields
+        if fields.get("byte skip", "0").strip() not in ("0", ""):
+            return None, None
+    if local:
+        if end is None:
+            return None, None
+        available = path.stat().st_size - end
+    elif data_file is not None:
+        available = data_file.stat().st_size
+    else:
+        return None, None
+    return (None, available) if compressed else (available, None)
+
+
+def _meta_header(head: bytes) -> tuple[dict[str, str], int | None]:
+    fields: dict[str, str] = {}
+    position = 0
+    for line in head.split(b"\n"):
+        position += len(line) + 1
+        key, sep, value = line.decode("latin-1").partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                return fields, position
+    return fields, None
+
+
+def _nrrd_header(head: bytes) -> tuple[dict[str, str], int | None]:
+    fields: dict[str, str] = {}
+    position = 0
+    for line in head.split(b"\n"):
+        position += len(line) + 1
+        text = line.decode("latin-1").rstrip("\r")
+        if not text:
+            return fields, position
+        key, sep, value = text.partition(":")
+        if sep and not text.startswith("#"):
+            fields[key.strip().lower()] = value.lstrip("=").strip()
+    return fields, None
 
 
 def _as_labels(path: Path, array: np.ndarray) -> np.ndarray:
     if array.shape[0] != 1:
         raise InputError(path, f"a label volume must have one channel, got {array.shape[0]}")
     if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputError(path, "label volume contains NaN or infinite values")
         rounded = np.rint(array)
         if not np.array_equal(rounded, array):
             raise InputError(path, "label volume contains non-integer values")
         array = rounded
+    elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise InputError(path, f"label volume has unsupported voxel type {array.dtype}")
     if array.size and array.min() < 0:
         raise InputError(path, f"label volume contains negative values (min {array.min()})")
-    max_label = int(array.max()) if array.size else 0
-    return array.astype(label_dtype(max_label), copy=False)
+    max_label = array.max() if array.size else 0
+    if max_label > MAX_LABEL:  # a value like 1e30 must never be cast to some class
+        raise InputError(path, f"label value {max_label:g} is outside the label range 0..{MAX_LABEL}")
+    return array.astype(label_dtype(int(max_label)), copy=False)
 
 
 def _sidecar_path(path: Path) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from medseg.errors import InputError
 from medseg.io.cli import add_info_parser
 from medseg.io.dicom import load_series, scan_dicom
 from medseg.io.images import VOLUME_SUFFIXES, read_image_file, split_suffix
+from medseg.io.paths import require_input
 from medseg.io.volume import Volume
 from medseg.types import PathLike
 
@@ -40,9 +40,7 @@ def gather_info(path: PathLike, *, load: bool = True, tilt: str = "error") -> di
     Raises:
         InputError: Missing path, nothing readable, or an unreadable volume file.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, "no such file or folder")
+    p = require_input(path)
     if p.is_file() and split_suffix(p)[1] in VOLUME_SUFFIXES:
         volume = read_image_file(p)
         return {"path": str(p), "kind": "file", "series": [], "skipped": {}, "volume": describe_volume(volume)}

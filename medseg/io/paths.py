@@ -29,6 +29,7 @@ __all__ = [
     "check_output_file",
     "overlap",
     "refuse_input_overlap",
+    "require_input",
     "require_readable_file",
 ]
 
@@ -183,3 +184,23 @@ def _special_kind(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "a special file"
+
+
+def require_input(path: PathLike, *, what: str = "file or folder") -> Path:
+    """``path`` as a :class:`Path` if it is a readable folder or a readable regular file.
+
+    Raises:
+        InputError: Missing (or a broken symlink / symlink loop), a FIFO/device/socket, or not readable.
+    """
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(p, "broken symlink" if os.path.lexists(p) else f"no such {what}") from None
+    except OSError as exc:
+        raise InputError(p, f"cannot access the {what} ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise InputError(p, "permission denied")
+        return p
+    return require_readable_file(p)

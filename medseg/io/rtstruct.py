@@ -230,7 +230,7 @@ def is_rtstruct(path: PathLike) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
-    except (InvalidDicomError, OSError, ValueError, EOFError):
+    except Exception:  # a corrupt file is not an RTSTRUCT (pydicom raises many types)
         return False
     return str(ds.get("Modality", "")) == "RTSTRUCT" or str(ds.get("SOPClassUID", "")) == RTSTRUCT_SOP_CLASS_UID
 
@@ -479,6 +479,7 @@ def rtstruct_to_labels(
         folder = Path(reference) if reference is not None else src.parent
         reference = load_reference_series(folder, series_uid=_choose_series(folder, structure_set))
     notes = list(structure_set.warnings)
+    _check_referenced_series(structure_set, reference)
     _check_frame_of_reference(structure_set, reference, notes)
     selected = _select_rois(structure_set, rois)
     placed = _place_contours(structure_set, selected, reference, missing=missing, notes=notes)
@@ -515,6 +516,18 @@ def rtstruct_to_labels(
         meta["channels"] = names
         return Volume(array=array, geometry=geometry, kind="label", source=str(src), meta=meta)
     return Volume(array=array[None], geometry=geometry, kind="label", source=str(src), meta=meta)
+
+
+def _check_referenced_series(structure_set: StructureSet, reference: ReferenceSeries) -> None:
+    """An RTSTRUCT drawn on another series is said to be so (not reported as misplaced contours)."""
+    named = [u for u in structure_set.referenced_series_uids if u]
+    if not named or not reference.series_uid or reference.series_uid in named:
+        return
+    raise InputError(
+        structure_set.source,
+        f"the RTSTRUCT references series {', '.join(named)}, but {reference.folder} holds series "
+        f"{reference.series_uid}; pass the referenced series as --reference",
+    )
 
 
 def _check_frame_of_reference(structure_set: StructureSet, reference: ReferenceSeries, notes: list[str]) -> None:

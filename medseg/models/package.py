@@ -26,6 +26,7 @@ from medseg.data.plan import Plan, load_plan, save_plan
 from medseg.errors import ConfigError, ModelError
 from medseg.io.images import atomic_path, write_json_atomic
 from medseg.models.networks import build_network
+from medseg.models.safe_load import load_weights
 from medseg.types import PathLike
 
 __all__ = ["MODEL_FILES", "LoadedModel", "load_model", "save_model"]
@@ -80,8 +81,8 @@ def load_model(directory: PathLike) -> LoadedModel:
     except ConfigError as exc:
         raise ModelError(str(exc)) from exc
     network = build_network(plan.network)
+    state = load_weights(directory / "weights.pt")  # typed errors; never unpickles, never suggests it
     try:
-        state = torch.load(directory / "weights.pt", map_location="cpu", weights_only=True)
         network.load_state_dict(state, strict=True)
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise ModelError(f"{directory / 'weights.pt'}: cannot load weights ({str(exc).splitlines()[0]})") from exc

@@ -347,13 +347,8 @@ def load_profile(path: PathLike) -> PacsProfile:
     Raises:
         ConfigError: Unreadable file, invalid YAML or invalid profile.
     """
-    import yaml
+    from medseg.io.safe_yaml import load_yaml_file
 
     p = Path(path).expanduser()
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the PACS profile ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML ({exc})") from None
+    data = load_yaml_file(p, what="PACS profile")
     return parse_profile(data, source=str(p), base_dir=p.resolve().parent)

@@ -196,15 +196,10 @@ def load_filters(path: PathLike) -> QueryFilters:
     Raises:
         ConfigError: Unreadable file, invalid YAML or invalid filters.
     """
-    import yaml
+    from medseg.io.safe_yaml import load_yaml_file
 
     p = Path(path).expanduser()
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the filters ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML ({exc})") from None
+    data = load_yaml_file(p, what="filters file")
     return parse_filters(data, source=str(p), base_dir=p.resolve().parent)
 
 

@@ -90,11 +90,9 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no checkpoint to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: unreadable checkpoint ({first})") from exc
+    from medseg.models.safe_load import load_tensor_file
+
+    state = load_tensor_file(path, what="medseg training checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "iteration" not in state:
         raise ModelError(f"{path}: not a medseg training checkpoint")
     return state
