@@ -36,7 +36,6 @@ for planning.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -233,10 +232,14 @@ def read_dataset(root: PathLike, *, strict: bool = True) -> DatasetInfo:
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
         raise DatasetError(f"{root}: not a dataset folder (no dataset.json)")
+    from medseg.io.safe_yaml import load_json_file
+
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{meta_path}: invalid JSON ({exc})") from exc
+        meta = load_json_file(meta_path, what="dataset.json")
+    except MedsegError as exc:
+        raise DatasetError(str(exc)) from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: must hold a JSON object, got {type(meta).__name__}")
     raw_channels = meta.get("channel_names", meta.get("modality"))
     if not isinstance(raw_channels, dict) or not raw_channels:
         raise DatasetError(f"{meta_path}: needs 'channel_names' (nnU-Net v2) or 'modality' (MSD)")

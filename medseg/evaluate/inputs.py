@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import SimpleITK as sitk
 
 from medseg.errors import ConfigError, InputError
 from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, is_dicom_file, load_volume, split_suffix
-from medseg.io.safe_yaml import load_yaml_file, load_yaml_text
+from medseg.io.safe_yaml import load_json_file, load_yaml_file, load_yaml_text
 from medseg.io.volume import label_dtype
 from medseg.types import PathLike
 
@@ -157,10 +156,7 @@ def load_label_names(path: PathLike) -> tuple[dict[int, str], dict[str, list[int
         from medseg.data.plan import load_plan
 
         return {int(k): str(v) for k, v in load_plan(p).labels.items() if int(k) != 0}, {}
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read label names ({exc})") from exc
+    raw = load_json_file(p, what="label-name file")
     labels = raw.get("labels") if isinstance(raw, dict) else None
     if not isinstance(labels, dict) or not labels:
         raise ConfigError(f"{p}: no 'labels' mapping")

@@ -17,6 +17,7 @@ straight from the byte offset recorded during discovery (no second header parse)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -564,7 +565,7 @@ def _read_header(path: Path, *, include_localizers: bool) -> _FileHeader | str:
                 return "localizer"
             mosaic = _is_mosaic_header(ds)
             if mosaic:
-                with path.open("rb") as fh:  # the CSA header is needed: read the full header once more
+                with _capped_open(path) as fh:  # the CSA header is needed: read the full header once more
                     ds = _FastHeader(pydicom.dcmread(fh, stop_before_pixels=True, force=True))
             layout = _pixel_layout(ds, pixel_pos, pixel_head)
             _check_layout(path, layout)
@@ -577,6 +578,22 @@ def _read_header(path: Path, *, include_localizers: bool) -> _FileHeader | str:
         return f"malformed header: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     if not frames:
         return "localizer"
+    try:
+        return _file_header(path, ds, image_type, sop_class, layout, frames, mosaic, multiframe)
+    except Exception as exc:  # values converted lazily (unknown VRs, bad numbers) fail here
+        return f"malformed header: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+def _file_header(
+    path: Path,
+    ds: Any,
+    image_type: tuple[str, ...],
+    sop_class: str,
+    layout: PixelLayout,
+    frames: list[DicomFrame],
+    mosaic: bool,
+    multiframe: bool,
+) -> _FileHeader:
     uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
     attrs = {
         "modality": str(ds.get("Modality", "") or ""),
@@ -622,11 +639,35 @@ def _parse_header(path: Path, chunk: bytes) -> tuple[_FastHeader, int, bytes]:
     except (EOFError, ValueError, OSError, InvalidDicomError):
         if len(chunk) < _HEADER_CHUNK:
             raise
-    with path.open("rb") as fh:
+    with _capped_open(path) as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
         pixel_pos = fh.tell()
         pixel_head = fh.read(12)
     return _FastHeader(ds), pixel_pos, pixel_head
+
+
+class _CappedReader:
+    """A binary file whose ``read(n)`` never asks for more than the bytes left.
+
+    ``FileIO.read(n)`` allocates ``n`` bytes before reading; an element length mutated to 4 GiB in a
+    60 KiB file would make pydicom allocate 4 GiB to read 60 KiB.
+    """
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self._fh, self._size = fh, size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(self._size - self._fh.tell(), 0)
+        return self._fh.read(left if n is None or n < 0 else min(n, left))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+@contextlib.contextmanager
+def _capped_open(path: Path) -> Iterator[Any]:
+    with path.open("rb") as fh:
+        yield _CappedReader(fh, os.fstat(fh.fileno()).st_size)
 
 
 def _non_image_reason(sop_class: str) -> str:

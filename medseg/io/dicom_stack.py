@@ -31,7 +31,7 @@ import numpy as np
 import pydicom
 
 from medseg.errors import InputError
-from medseg.io.dicom import DicomFrame, DicomSeries, OutputDtype, PixelLayout, TiltPolicy
+from medseg.io.dicom import DicomFrame, DicomSeries, OutputDtype, PixelLayout, TiltPolicy, _capped_open
 from medseg.io.dicom_checks import check_codestream, check_decoded, check_pixel_header
 from medseg.io.limits import check_declared_size
 from medseg.io.volume import Geometry, Volume
@@ -449,7 +449,7 @@ def _decode_at_offset(path: Path, layout: PixelLayout) -> np.ndarray:
     )
     if ts.is_encapsulated:
         check_codestream(path, str(ts), layout.value_offset)
-    with path.open("rb") as fh:
+    with _capped_open(path) as fh:  # (a fragment length can lie too: reads never exceed the file)
         fh.seek(layout.value_offset)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -94,15 +94,15 @@ def read_image_file(path: PathLike, *, kind: VolumeKind = "image", allow_4d: boo
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     """Header first (declared size vs bytes present and the read limit), then the voxels."""
     try:
+        zooms = _raw_nifti_header(path)  # (nibabel silently turns a zero pixdim into 1 when it reads the header)
         img: Any = nib.load(str(path))  # reads the header only; the data stay in the file
         header = img.header
         shape = tuple(int(d) for d in img.dataobj.shape)
         dtype = np.dtype(img.dataobj.dtype)
         offset = int(img.dataobj.offset)  # (vox_offset 0 in a single file means "right after the header")
-        zooms = _raw_pixdim(path)  # (nibabel silently turns a zero pixdim into 1 when it reads the header)
         affine = np.asarray(img.affine, dtype=np.float64)
         sform_code = int(header["sform_code"])
-    except MemoryError:
+    except (InputError, MemoryError):
         raise
     except Exception as exc:  # nibabel raises HeaderDataError, ValueError, OverflowError, zlib.error, ...
         raise InputError(path, f"cannot read NIfTI header ({_nifti_header_problem(path) or _reason(exc)})") from exc
@@ -124,18 +124,60 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     return np.ascontiguousarray(array), _geometry(path, shape[:3], affine)
 
 
-def _raw_pixdim(path: Path) -> np.ndarray:
-    """``pixdim[1:4]`` as stored in the file (NIfTI-1 or NIfTI-2, either byte order)."""
-    opener: Any = gzip.open if split_suffix(path)[1] == ".nii.gz" else open
+def _raw_nifti_header(path: Path) -> np.ndarray:
+    """``pixdim[1:4]`` as stored in the file (NIfTI-1 or NIfTI-2, either byte order); extensions checked.
+
+    nibabel replaces a zero pixdim by 1 when it reads the header, and reads each extension with one
+    ``read(esize)``, which allocates ``esize`` bytes first: an extension size mutated to 2 GiB in a small
+    file costs 2 GiB.  Here the extension chain is walked without reading it: every extension must fit
+    before the voxel data and inside the file.
+    """
+    gz = split_suffix(path)[1] == ".nii.gz"
+    opener: Any = gzip.open if gz else open
     with opener(path, "rb") as fh:
-        head = fh.read(540)
-    for order in ("<", ">"):
-        (size,) = struct.unpack_from(f"{order}i", head, 0)
-        if size == 348:
-            return np.asarray(struct.unpack_from(f"{order}8f", head, 76)[1:4], dtype=np.float64)
-        if size == 540:
-            return np.asarray(struct.unpack_from(f"{order}8d", head, 104)[1:4], dtype=np.float64)
-    raise InputError(path, "not a NIfTI header (sizeof_hdr is neither 348 nor 540)")
+        head = fh.read(544)
+        if len(head) < 348:
+            raise InputError(path, f"the file holds {len(head)} bytes, less than a 348-byte NIfTI header")
+        for order in ("<", ">"):
+            (size,) = struct.unpack_from(f"{order}i", head, 0)
+            if size == 348:
+                zooms = struct.unpack_from(f"{order}8f", head, 76)[1:4]
+                vox_offset = float(struct.unpack_from(f"{order}f", head, 108)[0])
+                break
+            if size == 540 and len(head) >= 544:
+                zooms = struct.unpack_from(f"{order}8d", head, 104)[1:4]
+                vox_offset = float(struct.unpack_from(f"{order}q", head, 168)[0])
+                break
+        else:
+            raise InputError(path, "not a NIfTI header (sizeof_hdr is neither 348 nor 540)")
+        if len(head) >= size + 4 and head[size] != 0:
+            file_size = None if gz else os.fstat(fh.fileno()).st_size
+            _walk_nifti_extensions(path, fh, order, start=size + 4, vox_offset=vox_offset, file_size=file_size)
+    return np.asarray(zooms, dtype=np.float64)
+
+
+def _walk_nifti_extensions(
+    path: Path, fh: Any, order: str, *, start: int, vox_offset: float, file_size: int | None
+) -> None:
+    position = start
+    end = int(vox_offset) if math.isfinite(vox_offset) and vox_offset > start else None  # None: up to the end
+    while end is None or end - position >= 16:
+        fh.seek(position)
+        raw = fh.read(8)
+        if len(raw) < 8:
+            if end is None:
+                return
+            raise InputError(path, "truncated: the file ends inside a NIfTI extension header")
+        esize, _code = struct.unpack(f"{order}2i", raw)
+        if esize < 8:
+            raise InputError(path, f"invalid NIfTI extension size {esize}")
+        target = position + esize
+        if end is not None and target > end:
+            raise InputError(path, f"a NIfTI extension of {esize} bytes runs past the voxel data offset {end}")
+        reached = fh.seek(target)
+        if (file_size is not None and target > file_size) or reached < target:
+            raise InputError(path, f"truncated: a NIfTI extension of {esize} bytes runs past the end of the file")
+        position = target
 
 
 def _nifti_header_problem(path: Path) -> str | None:
@@ -201,8 +243,7 @@ def _read_gzip_voxels(path: Path, offset: int, shape: tuple[int, ...], dtype: np
     filled = 0
     with gzip.open(path, "rb") as fh:
         try:
-            skipped = len(fh.read(offset)) if offset else 0
-            if skipped < offset:
+            if fh.seek(offset) < offset:  # (seeks forward by decompressing in chunks: nothing big allocated)
                 raise InputError(path, f"truncated: the file ends before the voxel data offset {offset}")
             while filled < declared:
                 n = fh.readinto(view[filled : filled + _GZIP_CHUNK])
@@ -406,12 +447,14 @@ def _sidecar_path(path: Path) -> Path:
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:
+    from medseg.io.safe_yaml import load_json_file
+
     sidecar = _sidecar_path(path)
     if not sidecar.is_file():
         return {}
     try:
-        data = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = load_json_file(sidecar, what="JSON sidecar")
+    except MedsegError:  # an unreadable sidecar is ignored, as a missing one
         return {}
     return {"sidecar": data} if isinstance(data, dict) else {}
 

@@ -27,7 +27,7 @@ from medseg.io.limits import format_bytes, get_read_limits
 from medseg.io.paths import require_readable_file
 from medseg.types import PathLike
 
-__all__ = ["load_yaml_file", "load_yaml_text"]
+__all__ = ["load_json_file", "load_yaml_file", "load_yaml_text"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -117,13 +117,7 @@ def load_yaml_text(text: str, *, source: str = "<yaml>") -> Any:
         loader.dispose()
 
 
-def load_yaml_file(path: PathLike, *, what: str = "YAML file") -> Any:
-    """Read and parse a YAML file safely; errors name the file.
-
-    Raises:
-        ConfigError: Missing, not a regular file, too large, not UTF-8 text, or invalid / oversized YAML.
-    """
-    p = Path(path)
+def _read_text(p: Path, what: str) -> str:
     if not p.exists() and not p.is_symlink():
         raise ConfigError(f"{p}: no such file")
     try:
@@ -144,4 +138,30 @@ def load_yaml_file(path: PathLike, *, what: str = "YAML file") -> Any:
         raise ConfigError(f"{p}: not a text file (invalid UTF-8 at byte {exc.start}); expected a {what}") from None
     if "\x00" in text:
         raise ConfigError(f"{p}: not a text file (contains NUL bytes); expected a {what}")
-    return load_yaml_text(text, source=str(p))
+    return text
+
+
+def load_json_file(path: PathLike, *, what: str = "JSON file") -> Any:
+    """Read a JSON file with the same checks as YAML files (regular file, size limit, UTF-8 text).
+
+    Raises:
+        ConfigError: Missing, not a regular file, too large, not text, or invalid JSON; names the file.
+    """
+    import json
+
+    p = Path(path)
+    text = _read_text(p, what)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{p}: invalid JSON ({' '.join(str(exc).split())})") from None
+
+
+def load_yaml_file(path: PathLike, *, what: str = "YAML file") -> Any:
+    """Read and parse a YAML file safely; errors name the file.
+
+    Raises:
+        ConfigError: Missing, not a regular file, too large, not UTF-8 text, or invalid / oversized YAML.
+    """
+    p = Path(path)
+    return load_yaml_text(_read_text(p, what), source=str(p))

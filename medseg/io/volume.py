@@ -97,7 +97,7 @@ class Geometry:
         """Three-letter RAS orientation code of the voxel axes (e.g. ``"LPS"``)."""
         import nibabel as nib
 
-        return "".join(nib.aff2axcodes(self.affine))
+        return "".join(c or "?" for c in nib.aff2axcodes(self.affine))  # "?": an axis along no RAS direction
 
     # ------------------------------------------------------------ constructors
     @classmethod
