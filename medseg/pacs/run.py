@@ -252,7 +252,7 @@ def _pending_results(out: Path, state: PacsState, destination: str) -> list[_Res
     from medseg.batch.manifest import Manifest
 
     with Manifest(out / "manifest.sqlite") as manifest:
-        done = manifest.rows("done")
+        done = manifest.rows("done") + manifest.rows("partial")  # partial: the outputs that were written
     todo = []
     for row in done:
         source = str(row["series_uid"])
