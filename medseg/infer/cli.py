@@ -26,6 +26,15 @@ def _mirror_axes(text: str) -> tuple[int, ...]:
     return axes
 
 
+def _outputs(text: str) -> tuple[str, ...]:
+    from medseg.infer.writers import parse_output_list
+
+    try:
+        return parse_output_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_inference_arguments(p: argparse.ArgumentParser, *, device_help: str | None = None) -> None:
     """The inference options shared by ``medseg predict`` and ``medseg batch`` (read by :func:`infer_overrides`).
 
@@ -80,6 +89,22 @@ def add_predict_parser(subparsers: Any) -> None:
         help="model directory; repeat to ensemble several folds/models (logits averaged)",
     )
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--series",
+        default=None,
+        metavar="NUMBER|UID",
+        help="DICOM folders holding several series: segment this one (SeriesNumber, SeriesInstanceUID or the key"
+        " `medseg info FOLDER` shows)",
+    )
+    p.add_argument(
+        "--outputs",
+        type=_outputs,
+        default=("nifti",),
+        help="comma-separated: nifti (<case><suffix>), seg (<case>_seg.dcm, DICOM SEG), rtstruct"
+        " (<case>_rtstruct.dcm), json (<case>_volumes.json: mL per class); default nifti. SEG/RTSTRUCT need a DICOM"
+        " series input; each output is written independently",
+    )
+    p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
     p.add_argument("--suffix", default=".nii.gz", help="label file format: .nii.gz (default), .nii, .nrrd, .mha")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -150,12 +175,26 @@ def run_predict(args: argparse.Namespace) -> int:
         suffix=args.suffix,
         progress=not args.quiet,
         probabilities=args.probabilities_dtype if args.save_probabilities else None,
+        outputs=args.outputs,
+        series=args.series,
+        seg_type=args.seg_type,
     )
+    counts = {"done": 0, "partial": 0, "exists": 0, "failed": 0}
     for r in records:
-        if r["status"] == "done":
-            print(f"{r['case']}: {r['output']}  ({r['seconds']:.2f} s)")
-        else:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        files = [
+            f for entry in (r.get("outputs") or {}).values() if not entry.get("kept") for f in entry.get("files", [])
+        ]
+        if r["status"] in ("done", "partial"):
+            print(f"{r['case']}: {', '.join(files)}  ({r['seconds']:.2f} s)")
+        if r["status"] == "partial":
+            print(f"{r['case']}: PARTIAL: {r['error']}", file=sys.stderr)
+        elif r["status"] == "exists":
+            print(f"{r['case']}: skipped: {r['error']}", file=sys.stderr)
+        elif r["status"] == "failed":
             print(f"{r['case']}: FAILED: {r['error']}", file=sys.stderr)
-    failed = sum(r["status"] != "done" for r in records)
-    print(f"{len(records) - failed} case(s) written to {args.out}, {failed} failed")
-    return 1 if failed else 0
+    print(
+        f"{counts['done'] + counts['partial']} case(s) written to {args.out} ({counts['partial']} with failed outputs),"
+        f" {counts['exists']} skipped (outputs exist), {counts['failed']} failed"
+    )
+    return 1 if counts["failed"] or counts["partial"] or counts["exists"] else 0
