@@ -765,6 +765,24 @@ class Manifest:
             if cursor.rowcount == 1:
                 self._event(db, claim.key, "released", why)
 
+    def release_owned(self, *, why: str = "interrupted") -> list[str]:
+        """Give back every claim this process (this owner) still holds; returns their keys."""
+        with self._tx() as db:
+            keys = [
+                str(r[0])
+                for r in db.execute(
+                    "SELECT key FROM series WHERE state = 'running' AND owner = ?", (str(self.owner),)
+                ).fetchall()
+            ]
+            for key in keys:
+                db.execute(
+                    "UPDATE series SET state = 'pending', stage = NULL, owner = NULL, claim_id = NULL,"
+                    " lease_until = NULL, updated_at = ? WHERE key = ? AND state = 'running'",
+                    (time.time(), key),
+                )
+                self._event(db, key, "released", why)
+        return keys
+
     # ----------------------------------------------------------------- queries
     def count(self, state: str | None = None, *, rank: int = 0, world_size: int = 1) -> int:
         """Rows (in this rank's shard) in ``state`` (all states with ``None``)."""

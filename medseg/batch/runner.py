@@ -872,6 +872,8 @@ class _Runner:
             self._stop.set()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
+            if self.interrupted:  # a claim taken or loaded when Ctrl-C came goes back to pending
+                self.manifest.release_owned(why="interrupted (Ctrl-C)")
             heartbeat.join(timeout=30)
             if self.bar is not None:
                 self.bar.close()

@@ -373,6 +373,7 @@ def run_task(
             report=report,
         )
         results.update(written)
+        timings.update({f"write_{kind}_s": round(r.seconds, 4) for kind, r in written.items()})
     timings["write_s"] = round(time.perf_counter() - t1, 4)
     ordered = {kind: results[kind] for kind in (*task.outputs, *results) if kind in results}
     return SeriesResult(outputs=ordered, timings=timings, reused_labels=reused)
