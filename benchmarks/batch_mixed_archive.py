@@ -80,7 +80,9 @@ def _phantom_series(folder: Path, case: int, *, slices: int = 20) -> None:
     affine = image.geometry.affine.copy()
     affine[:3, 3] += affine[:3, :3] @ np.array([20.0, 20.0, 8.0])
     array = image.array[:, 20:60, 20:60, 8 : 8 + slices].copy()
-    write_ct_dicom_series(Volume(array, Geometry(shape=array.shape[1:], affine=affine)), folder, case_id=f"mx{case:03d}")
+    write_ct_dicom_series(
+        Volume(array, Geometry(shape=array.shape[1:], affine=affine)), folder, case_id=f"mx{case:03d}"
+    )
 
 
 def build_mixed_archive(root: Path, shared: Path = SHARED, *, small: bool = False) -> Path:
@@ -209,10 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             continue
         counts = Counter(r["state"] for r in result["rows"])
-        print(f"== {label}, {name} model: exit {result['code']}, {result['wall_s']:.1f} s, {dict(sorted(counts.items()))}")
+        print(
+            f"== {label}, {name} model: exit {result['code']}, {result['wall_s']:.1f} s, {dict(sorted(counts.items()))}"
+        )
         for row in result["rows"]:
             where = Path(json.loads(row["files"])[0]).parent.as_posix() if row["files"] != "[]" else "?"
-            print(f"  {row['state']:8s} {row['modality']:8s} {str(row['description'])[:22]:22s} {where[:42]:42s} {_why(row)[:150]}")
+            what = f"{row['state']:8s} {row['modality']:8s} {str(row['description'])[:22]:22s}"
+            print(f"  {what} {where[:42]:42s} {_why(row)[:150]}")
     if args.json:
         print(json.dumps({k: {**v, "stdout": v["stdout"][-2000:]} for k, v in results.items()}, indent=1, default=str))
     return 0
