@@ -289,4 +289,3 @@ def _plane_title(plane: str, geometry: Any, point: Sequence[int]) -> str:
     if not math.isfinite(value):
         return plane
     return f"{plane}, {'RAS'[axis]} {value:.1f} mm"
-
