@@ -145,9 +145,9 @@ def render_overlay_png(
                         mask.astype(np.float32),
                         levels=[0.5],
                         colors=[colour],
-                        linewidths=2.0 if value in thick else 0.8,
+                        linewidths=2.0 if value in thick else 1.1,
                         linestyles=style,
-                        alpha=1.0 if value in thick else 0.75,
+                        alpha=1.0 if value in thick else 0.85,
                         extent=extent,
                         origin="upper",
                     )
