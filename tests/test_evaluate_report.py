@@ -330,7 +330,7 @@ def test_overlay_colours_and_worst_cases(totalseg_report: tuple[Path, dict], tmp
     assert _worst_cases(rows, 8) == [("bad", 0.75)]
     preds, refs = tmp_path / "p", tmp_path / "r"
     for case, shift in (("same", 0), ("moved", 2)):
-        pred, ref = labels_pair(3)
+        _pred, ref = labels_pair(3)
         write(refs, f"{case}.nii.gz", ref)
         write(preds, f"{case}.nii.gz", ref if shift == 0 else np.roll(ref, shift, axis=0))
     summary = evaluate_folders(preds, refs, out_dir=tmp_path / "report", label_names=NAMES)
