@@ -112,7 +112,8 @@ class BatchOptions:
         compat_check: Skip series that do not fit the model (modality, channels, CT intensities;
             :mod:`medseg.infer.compat`) instead of segmenting them.
         handle_sigint: In the main thread, the first Ctrl-C finishes the series being written (or
-            releases the one being loaded/predicted) and ends the run with ``interrupted`` set.
+            releases the one being loaded/predicted) and ends the run normally with ``interrupted`` set.
+            Off: ``KeyboardInterrupt`` propagates to the caller (after every claim was released).
     """
 
     outputs: tuple[str, ...] = ("nifti", "json")
@@ -868,6 +869,8 @@ class _Runner:
                 self._run_prefetch()
         except KeyboardInterrupt:
             self.interrupted = True
+            if not self.options.handle_sigint:
+                raise  # the caller handles interruptions (claims are released below)
         finally:
             self._stop.set()
             if previous_handler is not None:

@@ -393,6 +393,7 @@ def _batch_options(options: PacsRunOptions, rules_path: Path | None, *, progress
         seg_type=options.seg_type,
         progress=progress,
         device=options.device,
+        handle_sigint=False,  # pacs run / listen stop as a whole on Ctrl-C
     )
 
 
