@@ -34,13 +34,27 @@ from medseg.errors import InputError
 from medseg.io.dicom import DicomFrame, DicomSeries, OutputDtype, PixelLayout, TiltPolicy
 from medseg.io.volume import Geometry, Volume
 
-__all__ = ["decode_file", "stack_series"]
+__all__ = [
+    "ORIENTATION_ATOL",
+    "PIXEL_SPACING_ATOL",
+    "PIXEL_SPACING_RTOL",
+    "SLICE_GRID_TOLERANCE",
+    "decode_file",
+    "stack_series",
+]
+
+#: Frames whose direction cosines / pixel spacings differ by less than this are one stack (the
+#: DICOM SEG writer normalises such jitter with the same tolerances before highdicom sees it).
+ORIENTATION_ATOL = 1e-3
+PIXEL_SPACING_RTOL = 1e-4
+PIXEL_SPACING_ATOL = 1e-5
 
 _DUPLICATE_MM = 1e-3  # positions closer than this along the normal are the same slice
 _GRID_TOLERANCE = 0.01  # fraction of a slice step a slice may be off the uniform grid
 _SILENT_MM = 1e-3  # deviations below this are rounding, not worth a slice issue
 _THREADED_MIN_FILES = 16  # read uncompressed series of at least this many files with threads
 _TILT_FRACTION = 0.01  # in-plane drift per slice, as a fraction of the pixel size, that is tilt
+SLICE_GRID_TOLERANCE = _GRID_TOLERANCE
 
 
 def stack_series(
@@ -174,9 +188,9 @@ def _check_consistent(frames: list[DicomFrame], label: str) -> None:
                 f"series {label} mixes slice sizes {first.rows}x{first.cols} ({first.path.name}) and "
                 f"{frame.rows}x{frame.cols}",
             )
-        if not np.allclose(np.asarray(frame.orientation), iop, atol=1e-3):
+        if not np.allclose(np.asarray(frame.orientation), iop, atol=ORIENTATION_ATOL):
             raise InputError(frame.path, f"series {label} mixes slice orientations")
-        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-5):  # type: ignore[arg-type]
+        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=PIXEL_SPACING_RTOL, atol=PIXEL_SPACING_ATOL):  # type: ignore[arg-type]
             raise InputError(
                 frame.path, f"series {label} mixes pixel spacings {first.pixel_spacing} and {frame.pixel_spacing}"
             )
