@@ -20,6 +20,7 @@ Rules (each failure is an :class:`~medseg.errors.InputError` naming a file):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import defaultdict
@@ -41,6 +42,7 @@ __all__ = [
     "SLICE_GRID_TOLERANCE",
     "decode_file",
     "stack_series",
+    "stack_volumes",
 ]
 
 #: Frames whose direction cosines / pixel spacings differ by less than this are one stack (the
@@ -75,10 +77,13 @@ def stack_series(
             dcm2niix return), float32 otherwise.
 
     Returns:
-        ``Volume`` with a ``(1, X, Y, Z)`` array.
+        ``Volume`` with a ``(1, X, Y, Z)`` array, or ``(V, X, Y, Z)`` for a multi-volume series
+        (:func:`stack_volumes`).
     """
     if not series.frames:
         raise InputError(source or series.key, "series has no image frames")
+    if series.num_volumes > 1:
+        return stack_volumes(series, tilt=tilt, source=source, dtype=dtype)
     label = series.key or "<empty UID>"
     frames = series.frames
     _check_geometry_tags(frames)
@@ -159,6 +164,87 @@ def stack_series(
     }
     src = source if source is not None else _common_folder(series.files)
     return Volume(array=array, geometry=geometry, kind="image", source=str(src), meta=meta)
+
+
+def stack_volumes(
+    series: DicomSeries,
+    *,
+    tilt: TiltPolicy = "error",
+    source: Path | None = None,
+    dtype: OutputDtype = "float32",
+) -> Volume:
+    """Stack a multi-volume series (fMRI, diffusion, perfusion, multi-echo) into one 4D volume.
+
+    Each volume (the frames with one :attr:`DicomFrame.volume` index, numbered in discovery's
+    numeric order: echo, temporal position, acquisition, instance number) is stacked with the
+    rules of :func:`stack_series`; all volumes must land on the same grid (1e-3 mm).
+
+    Returns:
+        ``Volume`` with a ``(V, X, Y, Z)`` array: channel ``v`` is volume ``v``. ``meta`` is the
+        first volume's (its ``sop_instance_uids``/``slice_files`` in Z order) plus
+        ``num_volumes``, ``volumes`` (per volume: ``index``, ``acquisition``, ``temporal``, ``echo``,
+        ``b_value``, ``gradient_lps``, ``files``) and, for diffusion, ``b_values`` and
+        ``gradients_lps`` (unit vectors in LPS patient axes; ``[0, 0, 0]`` where none).
+    """
+    by_volume: dict[int, list[DicomFrame]] = defaultdict(list)
+    for frame in series.frames:
+        by_volume[frame.volume].append(frame)
+    label = series.key or "<empty UID>"
+    out: np.ndarray | None = None
+    first: Volume | None = None
+    volumes: list[dict[str, Any]] = []
+    issues: list[str] = []
+    for index in range(series.num_volumes):
+        frames = by_volume.get(index)
+        if not frames:
+            raise InputError(source or label, f"series {label}: volume {index + 1} has no frames")
+        part = dataclasses.replace(
+            series, frames=[dataclasses.replace(f, volume=0) for f in frames], files=sorted({f.path for f in frames})
+        )
+        volume = stack_series(part, tilt=tilt, source=source, dtype=dtype)
+        if first is None:
+            first = volume
+            out = _volumes_array(series.num_volumes, volume.geometry.shape, volume.array.dtype)
+        elif not volume.geometry.allclose(first.geometry, atol=1e-3):
+            raise InputError(
+                frames[0].path,
+                f"series {label}: volume {index + 1} is on another grid ({volume.geometry.describe()}) than "
+                f"volume 1 ({first.geometry.describe()})",
+            )
+        assert out is not None
+        if volume.array.dtype != out.dtype:  # e.g. another rescale intercept: widen once
+            wider = _volumes_array(series.num_volumes, first.geometry.shape, np.result_type(out.dtype, np.float32))
+            wider[:index] = out[:index]
+            out = wider
+        out[index] = volume.array[0]
+        issues += [f"volume {index + 1}: {issue}" for issue in volume.meta.get("slice_issues", [])]
+        head = frames[0]
+        volumes.append(
+            {
+                "index": index,
+                "acquisition": head.acquisition or None,
+                "temporal": head.temporal or None,
+                "echo": head.echo or None,
+                "b_value": head.b_value,
+                "gradient_lps": list(head.gradient) if head.gradient is not None else None,
+                "files": [str(p) for p in part.files],
+            }
+        )
+    assert first is not None and out is not None
+    meta = dict(first.meta)
+    meta["slice_issues"] = issues
+    meta["num_volumes"] = series.num_volumes
+    meta["volumes"] = volumes
+    if any(v["b_value"] is not None for v in volumes):
+        meta["b_values"] = [float(v["b_value"] or 0.0) for v in volumes]
+        meta["gradients_lps"] = [v["gradient_lps"] or [0.0, 0.0, 0.0] for v in volumes]
+    src = source if source is not None else _common_folder(series.files)
+    return Volume(array=out, geometry=first.geometry, kind="image", source=str(src), meta=meta)
+
+
+def _volumes_array(count: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``(V, X, Y, Z)`` view of an ``(X, Y, Z, V)`` Fortran array: each volume contiguous, X fastest (NIfTI order)."""
+    return np.moveaxis(np.empty((*shape, count), dtype=dtype, order="F"), -1, 0)
 
 
 # ----------------------------------------------------------------------------- checks
