@@ -68,8 +68,11 @@ __all__ = [
     "SegCompression",
     "SegmentationType",
     "coded_property",
+    "find_reference",
+    "is_dicom_seg",
     "normalise_source_headers",
     "read_dicom_seg",
+    "referenced_series_uid",
     "series_label",
     "source_geometry",
     "write_dicom_seg",
@@ -534,6 +537,55 @@ def write_dicom_seg(
 
 
 # ----------------------------------------------------------------- reading
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+
+
+def is_dicom_seg(path: PathLike) -> bool:
+    """True if ``path`` is a DICOM Segmentation (BINARY/FRACTIONAL or LABELMAP), from its header."""
+    path = Path(path)
+    if not path.is_file() or not is_dicom_file(path):
+        return False
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"], force=True)
+    except Exception:
+        return False
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    return sop_class in SEG_SOP_CLASSES
+
+
+def referenced_series_uid(path: PathLike) -> str | None:
+    """SeriesInstanceUID of the image series a SEG references (the first ReferencedSeriesSequence item)."""
+    try:
+        ds = pydicom.dcmread(Path(path), stop_before_pixels=True, force=True)
+    except Exception:
+        return None
+    for item in ds.get("ReferencedSeriesSequence") or []:
+        uid = str(item.get("SeriesInstanceUID", "") or "")
+        if uid:
+            return uid
+    return None
+
+
+def find_reference(path: PathLike, search: PathLike | None = None) -> Volume | None:
+    """Load the image series a SEG references, if it is under ``search`` (default: the SEG's folder).
+
+    Returns:
+        The series as :func:`medseg.io.read_dicom_series` reads it (``dtype="native"``), or
+        ``None`` when the referenced series is not found there or cannot be loaded.
+    """
+    from medseg.io.dicom import load_series, scan_dicom
+
+    uid = referenced_series_uid(path)
+    if not uid:
+        return None
+    root = Path(search) if search is not None else Path(path).parent
+    try:
+        candidates = [s for s in scan_dicom(root).series if s.uid == uid and s.num_volumes == 1]
+        return load_series(candidates[0], dtype="native") if len(candidates) == 1 else None
+    except MedsegError:
+        return None
+
+
 def _value_map(seg: Any) -> dict[int, int]:
     out: dict[int, int] = {}
     for item in seg.SegmentSequence:
@@ -543,32 +595,94 @@ def _value_map(seg: Any) -> dict[int, int]:
     return out
 
 
+def _code(item: Any, keyword: str) -> str | None:
+    seq = item.get(keyword) or []
+    return str(seq[0].get("CodeMeaning", "")) if len(seq) else None
+
+
+def _segments(seg: Any, numbers: Sequence[int], masks: np.ndarray) -> list[dict[str, Any]]:
+    """One row per segment: number, medseg label value, label, coded category/type, voxel count."""
+    value_map = _value_map(seg)
+    by_number = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
+    rows = []
+    for index, number in enumerate(numbers):
+        item = by_number.get(number)
+        rows.append(
+            {
+                "number": number,
+                "value": value_map.get(number, number),
+                "label": str(item.SegmentLabel) if item is not None else f"segment {number}",
+                "category": _code(item, "SegmentedPropertyCategoryCodeSequence") if item is not None else None,
+                "type": _code(item, "SegmentedPropertyTypeCodeSequence") if item is not None else None,
+                "voxels": int(masks[index].sum()) if index < len(masks) else 0,
+            }
+        )
+    return rows
+
+
 def _masks_to_volume(
-    masks: np.ndarray, numbers: Sequence[int], geometry: Geometry, seg: Any, path: Path, *, combine: bool
+    masks: np.ndarray,
+    numbers: Sequence[int],
+    geometry: Geometry,
+    seg: Any,
+    path: Path,
+    *,
+    combine: bool,
+    overlap: str = "error",
 ) -> Volume:
     """``masks`` ``(S, X, Y, Z)`` bool per segment number -> label or multi-channel volume."""
+    from medseg.io.polygons import SliceMask, paint_masks
+
     value_map = _value_map(seg)
     labels = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
     meta: dict[str, Any] = {
         "series_uid": str(seg.SeriesInstanceUID),
         "sop_instance_uid": str(seg.SOPInstanceUID),
         "segmentation_type": str(seg.SegmentationType),
+        "study_uid": str(seg.get("StudyInstanceUID", "") or ""),
+        "referenced_series_uid": referenced_series_uid(path),
+        "segments": _segments(seg, numbers, masks),
     }
-    if not combine:
+    if not combine or overlap == "separate":
         meta["segment_labels"] = {n: labels.get(n, f"segment {n}") for n in numbers}
         return Volume(masks.astype(np.uint8), geometry, kind="image", source=str(path), meta=meta)
-    if masks.shape[0] and int(np.max(masks.sum(axis=0, dtype=np.int32))) > 1:
-        raise InputError(path, "segments overlap, so they do not fit one label volume; read with combine=False")
     values = [value_map.get(n, n) for n in numbers]
-    out = np.zeros(geometry.shape, dtype=label_dtype(max(values, default=0)))
-    for value, mask in zip(values, masks, strict=True):
-        out[mask] = value
+    overlapping = masks.shape[0] > 1 and int(np.max(masks.sum(axis=0, dtype=np.int32))) > 1
+    if overlapping and overlap == "error":
+        raise InputError(
+            path,
+            "segments overlap, so they do not fit one label volume; read with combine=False or choose an overlap "
+            "policy (smaller, later, separate)",
+        )
+    if overlapping:
+        pieces = [
+            [p for k in range(mask.shape[2]) if (p := SliceMask.crop(k, mask[:, :, k])) is not None] for mask in masks
+        ]
+        order = paint_masks(
+            pieces,
+            geometry.shape,
+            names=[labels.get(n, str(n)) for n in numbers],
+            policy=overlap,  # type: ignore[arg-type]
+            source=path,
+        )
+        lookup = np.array([0, *values], dtype=np.int64)
+        out = lookup[order].astype(label_dtype(max(values, default=0)))
+        meta["overlap_policy"] = overlap
+    else:
+        out = np.zeros(geometry.shape, dtype=label_dtype(max(values, default=0)))
+        for value, mask in zip(values, masks, strict=True):
+            out[mask] = value
     meta["label_names"] = {value_map.get(n, n): labels.get(n, f"segment {n}") for n in numbers}
     return Volume(out[None], geometry, kind="label", source=str(path), meta=meta)
 
 
 def read_dicom_seg(
-    path: PathLike, *, reference: Volume | None = None, combine: bool = True, fractional_threshold: float = 0.5
+    path: PathLike,
+    *,
+    reference: Volume | None = None,
+    combine: bool = True,
+    overlap: str = "error",
+    fractional_threshold: float = 0.5,
 ) -> Volume:
     """Read a DICOM SEG into a label volume (or one binary channel per segment).
 
@@ -580,14 +694,19 @@ def read_dicom_seg(
             own plane positions, slice axis along ``row x column`` direction.
         combine: One label volume (values = label values, see the module docstring); with
             ``False`` a ``(S, X, Y, Z)`` uint8 volume, channel ``i`` = ``i``-th segment.
+        overlap: With ``combine``, where segments overlap: ``"error"`` (default), ``"smaller"``
+            (the segment with fewer voxels wins), ``"later"`` (the higher segment number wins) or
+            ``"separate"`` (same as ``combine=False``) -- the policies of ``medseg convert``.
         fractional_threshold: FRACTIONAL segments become masks where the value is at least this.
 
     Returns:
-        A :class:`Volume` with ``meta["label_names"]`` (combine) or ``meta["segment_labels"]``.
+        A :class:`Volume` with ``meta["label_names"]`` (combine) or ``meta["segment_labels"]``,
+        and ``meta["segments"]`` (number, label value, label, coded category/type, voxels),
+        ``meta["referenced_series_uid"]``.
 
     Raises:
-        InputError: Not a readable DICOM SEG, overlapping segments with ``combine=True``, or frames
-            that do not form a regular volume.
+        InputError: Not a readable DICOM SEG, overlapping segments with ``overlap="error"``, or
+            frames that do not form a regular volume.
     """
     import highdicom as hd
 
@@ -596,26 +715,37 @@ def read_dicom_seg(
         raise InputError(path, "no such file")
     try:
         seg = hd.seg.segread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as exc:
+    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:
         raise InputError(path, f"not a readable DICOM SEG ({exc})") from exc
     numbers = [n for n in seg.segment_numbers if n != 0]
     fractional = seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+    masks: np.ndarray | None = None
     try:
         if reference is not None and reference.meta.get("sop_instance_uids"):
             uids = [str(u) for u in reference.meta["sop_instance_uids"]]
-            # (slices, rows, columns, segments) in the reference's slice order.
-            stack = seg.get_pixels_by_source_instance(
-                source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=False
-            )
-            masks = np.moveaxis(np.asarray(stack), -1, 0).transpose(0, 3, 2, 1)
-            geometry = reference.geometry
-        else:
+            try:  # (slices, rows, columns, segments) in the reference's slice order
+                stack = seg.get_pixels_by_source_instance(
+                    source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=False
+                )
+                masks = np.moveaxis(np.asarray(stack), -1, 0).transpose(0, 3, 2, 1)
+                geometry = reference.geometry
+            except (RuntimeError, KeyError, ValueError):
+                masks = None  # no per-frame source references (or locations not preserved): place by position
+        if masks is None:
             volume = seg.get_volume(segment_numbers=numbers, combine_segments=False)
             masks, geometry = _hd_volume_to_masks(volume)
-    except (ValueError, RuntimeError, KeyError, IndexError) as exc:
+            if reference is not None:
+                from medseg.io.grid import place_into
+
+                own = Volume(masks.astype(np.uint8), geometry)
+                try:
+                    masks, geometry = place_into(own, reference.geometry).array, reference.geometry
+                except GeometryError as exc:
+                    raise InputError(path, f"the SEG's frames are not on the reference series' grid ({exc})") from exc
+    except (ValueError, RuntimeError, KeyError, IndexError, AttributeError) as exc:
         raise InputError(path, f"cannot place the SEG frames on a volume ({exc})") from exc
     masks = masks >= fractional_threshold if fractional else masks > 0
-    return _masks_to_volume(masks, numbers, geometry, seg, path, combine=combine)
+    return _masks_to_volume(masks, numbers, geometry, seg, path, combine=combine, overlap=overlap)
 
 
 def _hd_volume_to_masks(volume: Any) -> tuple[np.ndarray, Geometry]:
