@@ -169,8 +169,8 @@ def expand_pattern(pattern: str, header: Any, *, first_file: Path | None = None)
             width, letter = match.group(1), match.group(2)
             if letter == "%":
                 return "%"
-            value = _value(letter, header, first_file)
-            if width and value.lstrip("-").isdigit():
+            value = safe_component(_value(letter, header, first_file))
+            if width and value.isdigit():
                 value = value.zfill(int(width))
             return value
 
