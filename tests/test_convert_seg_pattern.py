@@ -143,8 +143,8 @@ def test_convert_reads_dcmqi_segs_onto_their_referenced_ct(shared_data: Path, dc
 
     # --overlap-policy separate: one binary channel per segment.
     out = tmp_path / "sep"
-    assert _run("convert", str(dcmqi / "seg" / "partial_overlaps.dcm"), str(out), "--overlap-policy", "separate",
-                "--reference", str(dcmqi / "ct"), "--pattern", "%s")  == 0  # fmt: skip
+    argv = ["--overlap-policy", "separate", "--reference", str(dcmqi / "ct"), "--pattern", "%s"]
+    assert _run("convert", str(dcmqi / "seg" / "partial_overlaps.dcm"), str(out), *argv) == 0
     channels = nib.load(str(out / "100.nii.gz")).get_fdata()
     assert channels.shape == (*ct.geometry.shape, 5)
     for index, number in enumerate(sorted(masks)):

@@ -61,8 +61,15 @@ def gather_info(
     segs = [_seg_summary(f) for f, reason in scan.skipped if reason.startswith("segmentation (DICOM SEG)")]
     if not scan.series:
         if segs:
-            return {"path": str(p), "kind": "folder", "series": [], "skipped": scan.skipped_summary(),
-                    "segmentations": segs, "volume": None}  # fmt: skip
+            skipped = scan.skipped_summary()
+            return {
+                "path": str(p),
+                "kind": "folder",
+                "series": [],
+                "skipped": skipped,
+                "segmentations": segs,
+                "volume": None,
+            }
         if p.is_file():
             reason = scan.skipped[0][1] if scan.skipped else "no image"
             raise InputError(p, f"not a DICOM image or volume file: {reason}")
