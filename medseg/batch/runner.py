@@ -385,7 +385,8 @@ def discover_records(
                 continue
             decision = decisions[key]
             if decision.selected and specs:
-                misfit = check_header(specs, modality=series.modality)
+                volumes = int(getattr(series, "num_volumes", 1) or 1)
+                misfit = check_header(specs, modality=series.modality, volumes=volumes)
                 if misfit is not None:
                     why = f"{decision.reason}, but does not fit the model: {misfit}"
                     decision = type(decision)(False, decision.selection, why)

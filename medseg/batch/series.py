@@ -371,6 +371,7 @@ def run_task(
             seg_type=seg_type,
             description=task.description,
             report=report,
+            series_name=task.label or None,
         )
         results.update(written)
         timings.update({f"write_{kind}_s": round(r.seconds, 4) for kind, r in written.items()})

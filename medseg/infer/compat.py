@@ -91,17 +91,26 @@ def channel_specs(plan: Any) -> list[ChannelSpec]:
     ]
 
 
-def check_header(specs: Sequence[ChannelSpec], *, modality: str | None, channels: int = 1) -> str | None:
+def check_header(
+    specs: Sequence[ChannelSpec], *, modality: str | None, channels: int = 1, volumes: int = 1
+) -> str | None:
     """Header-level fit of a series to a model.
 
     Args:
         specs: The model's channels.
         modality: The series' DICOM Modality.
         channels: Channels the series provides (a DICOM series: 1).
+        volumes: 3D volumes in the series (> 1: a 4D series - time points, diffusion directions,
+            echoes -, which is never mapped onto model channels implicitly).
 
     Returns:
         ``None`` if it fits, else the reason.
     """
+    if volumes > 1:
+        return (
+            f"a 4D series ({volumes} volumes: time points, diffusion directions or echoes); the model takes one 3D"
+            f" volume per channel ({', '.join(s.name for s in specs)})"
+        )
     if len(specs) != channels:
         names = ", ".join(s.name for s in specs)
         return f"the model needs {len(specs)} input channel(s) ({names}); a series provides {channels}" + (

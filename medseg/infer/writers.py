@@ -239,6 +239,7 @@ def write_outputs(
     description: str = "",
     report: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    series_name: str | None = None,
 ) -> dict[str, OutputResult]:
     """Write the requested outputs of one segmented series, each independently and atomically.
 
@@ -255,6 +256,8 @@ def write_outputs(
         description: Source SeriesDescription (the new series are called ``medseg SEG <description>`` ...).
         report: Extra fields of ``volumes.json`` (series identity, model).
         overwrite: Replace existing files (otherwise an existing file fails that output).
+        series_name: How errors name the source series (batch: its pseudonymised label; default: the
+            SEG writer's own label from the source header).
 
     Returns:
         ``{kind: OutputResult}`` for every requested kind; a failed kind leaves no file behind.
@@ -292,6 +295,7 @@ def write_outputs(
                     segmentation_type=seg_type,
                     series_description=f"medseg SEG {description}".strip()[:64],
                     overwrite=overwrite,
+                    series=series_name,
                 )
             elif kind == "rtstruct":
                 if image is None:
