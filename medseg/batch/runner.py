@@ -3,19 +3,26 @@
 One call of :func:`run_batch` (one ``medseg batch`` process, or one torchrun rank):
 
 1. **Discovery** (headers only, :func:`medseg.io.dicom.scan_dicom`) groups the archive into
-   series; every series gets a decision from the selection rules and is streamed into the
-   manifest (:mod:`medseg.batch.manifest`) with its input fingerprint.  Non-image objects
-   (SR, RTSTRUCT, SEG, ...) become skipped series with the reason; non-DICOM and unreadable
-   files are recorded as ignored.
+   series; every series gets a decision from the selection rules, then from the model's input
+   channels (:func:`medseg.infer.compat.check_header`: modality, channels, 4D), and is streamed
+   into the manifest (:mod:`medseg.batch.manifest`) with its input fingerprint and a patient
+   pseudonym.  Non-image objects (SR, RTSTRUCT, SEG, ...) become skipped series with the reason;
+   non-DICOM and unreadable files are recorded as ignored.
 2. **Recovery**: ``running`` rows left by dead processes go back to ``pending``; temporary
    output folders of dead claims are removed.
-3. **Processing**: loader threads claim series atomically and read/decode them into a bounded
+3. **Processing**: this module is the *driver* (claims, manifest, commits); the work on one
+   series is :mod:`medseg.batch.series` (load + voxel-level model check, predict or reuse kept
+   labels, write each output independently into a temp folder), which never touches the
+   manifest.  Loader threads claim series atomically and read/decode them into a bounded
    queue (``workers`` threads, ``prefetch`` slots) while the main thread predicts and writes the
    previous one, so at most ``workers + prefetch + 1`` volumes are in memory whatever the
-   archive size.  All outputs of a series are written into ``OUT/.tmp/<claim>/`` and renamed to
-   their final folder inside the manifest transaction that marks the series ``done``.  A series
-   that fails is recorded with its (redacted) reason and the run continues.
-4. **Summary**: counts per state, failures with reasons, as ``summary.json`` and returned.
+   archive size.  The temp folder ``OUT/.tmp/<claim>/`` is renamed to the final folder inside the
+   manifest transaction that records the series ``done`` (every output written) or ``partial``
+   (some outputs failed: the others are kept, the reasons recorded per output).  A series that
+   fails entirely is recorded with its (redacted) reason and the run continues.  Ctrl-C finishes
+   the series being written or releases the one in progress, then ends the run.
+4. **Summary**: counts per state, failures and partial series with reasons, every output path,
+   as ``summary.json`` and returned.
 
 Output layout (names from DICOM attributes are sanitised; nothing can escape ``OUT``)::
 
@@ -26,14 +33,16 @@ Output layout (names from DICOM attributes are sanitised; nothing can escape ``O
         seg.dcm                        DICOM SEG (``seg``)
         rtstruct.dcm                   RTSTRUCT (``rtstruct``)
         volumes.json                   volume per class in mL (``json``)
-        .medseg-series.json            completion marker (key, input fingerprint, model)
+        .medseg-series.json            completion marker (key, input fingerprint, model, output status)
 
 Scale-out: under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank discovers the archive,
 keeps the series whose stable key hash falls in its shard (``hash % WORLD_SIZE == RANK``) and
 claims them in the shared manifest; see :mod:`medseg.batch.manifest` for the filesystem limits.
 
 Patient names and IDs are never printed or stored in messages: errors are redacted with the
-identifying values of the series' own header before they reach the log or the manifest.
+identifying values of the series' own header before they reach the log or the manifest, and
+series are named by :func:`medseg.batch.manifest.series_label` (pseudonym, study date, series
+number, description).  User documentation: ``docs/batch.md``.
 """
 
 from __future__ import annotations
@@ -470,7 +479,6 @@ class _Item:
     claim: Claim
     loaded: LoadedSeries | None = None
     adopt: dict[str, Any] | None = None
-    t_claimed: float = field(default_factory=time.perf_counter)
 
 
 def _is_tty(stream: Any) -> bool:
