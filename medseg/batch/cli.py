@@ -40,7 +40,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=("nifti", "json"),
         help="comma-separated: nifti, seg (DICOM SEG), rtstruct, json (volumes per class); default nifti,json",
     )
-    p.add_argument("--retry-failed", action="store_true", help="process series that failed before again")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="process failed series again, and the failed outputs of partial series (only what is missing)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -81,7 +85,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="--discover-only listing: show PatientIDs instead of the pseudonyms stored in the manifest"
         " (printed only, never stored)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar (a plain line per series when not a terminal)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (otherwise: a bar on a terminal, one plain line per series in logs)",
+    )
     from medseg.infer.cli import add_inference_arguments
 
     add_inference_arguments(
