@@ -171,12 +171,18 @@ def mr_variant(ct_model: Path, target: Path, *, name: str = "T1") -> Path:
 
 def run_batch_cli(repo: Path, archive: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
     """Run ``python -m medseg.batch`` of checkout ``repo``; returns exit code, wall time and the rows."""
+    out = out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "medseg.batch", str(archive), "--model", str(model), "--out", str(out)]
     command += ["--outputs", "nifti,seg,rtstruct,json", "--quiet", *extra]
     env = {**os.environ, "PYTHONPATH": str(repo.resolve())}
+    probe = [sys.executable, "-c", "import medseg, sys; sys.stdout.write(medseg.__file__)"]
+    where = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=repo.resolve()).stdout
+    if not Path(where).resolve().is_relative_to(repo.resolve()):
+        raise SystemExit(f"--repo {repo}: python imports medseg from {where}, not from that checkout")
     t0 = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    # cwd = the checkout: ``python -m`` puts the working directory first on sys.path
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=repo.resolve(), timeout=3600)
     wall = time.perf_counter() - t0
     rows: list[dict[str, Any]] = []
     with sqlite3.connect(out / "manifest.sqlite") as db:
