@@ -102,6 +102,14 @@ def test_predict_writes_dicom_seg_rtstruct_and_volumes(tiny_model: Path, tmp_pat
     record = yaml.safe_load((out / "prediction.yaml").read_text())
     case = record["cases"][0]
     assert case["status"] == "done" and set(case["outputs"]) == {"nifti", "seg", "rtstruct", "json"}
+    # evaluate on that folder: one case (the SEG and RTSTRUCT beside case3.nii.gz are the same prediction)
+    from medseg.evaluate import evaluate_folders
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    shutil.copy2(out / "case3.nii.gz", refs / "case3.nii.gz")
+    summary = evaluate_folders(out, refs, out_dir=tmp_path / "report")
+    assert summary["n_cases"] == 1 and summary["problems"] == []
     assert case["outputs"]["seg"] == {"files": ["case3_seg.dcm"], "run": 1} and record["infer"]["overlap"] == 0.25
 
 
