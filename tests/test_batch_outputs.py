@@ -317,3 +317,21 @@ def test_mixed_real_archive(tmp_path: Path, tiny_model: Path, shared_data: Path,
         and "study 2022-12-08" in item["series"]
         and "'CT Body 3.0'" in item["series"]
     )
+
+
+def test_progress_bar_names_the_series_on_a_terminal(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    archive = good_archive(tmp_path / "archive", range(1))
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run_batch(archive, tiny_model, tmp_path / "out", BatchOptions(progress=True))
+    text = terminal.getvalue()
+    assert " 2026-01-01 #1 Phantom CT c000: 100%" in text and "\r" in text  # a live bar naming the series
+    assert "MEDSEG-c000" not in text  # the PatientID never

@@ -639,7 +639,7 @@ class _Runner:
         self.stats["processed"] += 1
         outcome = "failed"
         if self.bar is not None:
-            self.bar.set_description_str(_short(claim.label), refresh=True)
+            self.bar.set_description_str(_short(claim), refresh=True)
         try:
             outcome = self._process(item)
         except KeyboardInterrupt:
@@ -953,7 +953,13 @@ class _Runner:
             raise
 
 
-def _short(label: str, limit: int = 48) -> str:
+def _short(claim: Claim, limit: int = 60) -> str:
+    """The progress bar's name of a series: ``P3c9a1e 2019-03-04 #7 T1 post`` (pseudonym, never the ID)."""
+    date = claim.study_date
+    if len(date) == 8 and date.isdigit():
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    number = f"#{claim.series_number}" if claim.series_number is not None else ""
+    label = " ".join(p for p in (claim.patient, date, number, claim.description) if p) or claim.key
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
