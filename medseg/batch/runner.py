@@ -934,23 +934,20 @@ class _Runner:
                 thread.join()
         except BaseException:
             self._stop.set()
-            while True:  # give back what was loaded but not processed
-                try:
-                    pending = slots.get_nowait()
-                except queue.Empty:
-                    break
-                if pending is not None:
-                    self.manifest.release(pending.claim)
+            self._release_queued(slots)  # give back what was loaded but not processed ...
             for thread in threads:
                 thread.join(timeout=60)
-            while True:
-                try:
-                    pending = slots.get_nowait()
-                except queue.Empty:
-                    break
-                if pending is not None:
-                    self.manifest.release(pending.claim)
+            self._release_queued(slots)  # ... including what the loaders put in while stopping
             raise
+
+    def _release_queued(self, slots: queue.Queue[_Item | None]) -> None:
+        while True:
+            try:
+                pending = slots.get_nowait()
+            except queue.Empty:
+                return
+            if pending is not None:
+                self.manifest.release(pending.claim)
 
 
 def _short(claim: Claim, limit: int = 60) -> str:
