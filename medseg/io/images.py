@@ -94,7 +94,10 @@ def read_image_file(path: PathLike, *, kind: VolumeKind = "image", allow_4d: boo
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     """Header first (declared size vs bytes present and the read limit), then the voxels."""
     try:
-        zooms = _raw_nifti_header(path)  # (nibabel silently turns a zero pixdim into 1 when it reads the header)
+        try:
+            zooms = _raw_nifti_header(path)  # (nibabel silently turns a zero pixdim into 1 when it reads the header)
+        except InputError as exc:
+            raise InputError(path, f"cannot read NIfTI header ({exc.reason})") from None
         img: Any = nib.load(str(path))  # reads the header only; the data stay in the file
         header = img.header
         shape = tuple(int(d) for d in img.dataobj.shape)
