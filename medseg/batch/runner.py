@@ -277,10 +277,10 @@ def series_info(series: Any, *, extra: Sequence[str] = ()) -> SeriesInfo:
     attrs["ObliquityDeg"] = None if np.isnan(obliquity) else obliquity
     missing = [k for k in extra if k not in attrs]
     if missing and series.files:
-        import pydicom
+        from medseg.io.dicom import read_dataset
 
         try:
-            ds = pydicom.dcmread(series.files[0], stop_before_pixels=True, specific_tags=missing, force=True)
+            ds = read_dataset(series.files[0], stop_before_pixels=True, specific_tags=missing, force=True)
             for keyword in missing:
                 attrs[keyword] = _plain(ds.get(keyword)) if keyword in ds else None
         except Exception:  # unreadable here means "attribute missing" for the rules
@@ -292,7 +292,7 @@ def _non_image_series(
     root: Path, skipped: list[tuple[Path, str]]
 ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
     """Group skipped DICOM objects by SeriesInstanceUID; the rest are ignored files."""
-    import pydicom
+    from medseg.io.dicom import read_dataset
 
     groups: dict[str, dict[str, Any]] = {}
     ignored: list[tuple[str, str]] = []
@@ -311,7 +311,7 @@ def _non_image_series(
             ignored.append((rel, reason))
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags, force=True)
+            ds = read_dataset(path, stop_before_pixels=True, specific_tags=tags, force=True)
             uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
         except Exception:
             ignored.append((rel, reason))

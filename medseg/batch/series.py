@@ -139,10 +139,10 @@ class SeriesResult:
 # --------------------------------------------------------------------- privacy
 def phi_terms(path: Path) -> list[str]:
     """Identifying strings of a series (patient name and its parts, IDs, birth date) for redaction."""
-    import pydicom
+    from medseg.io.dicom import read_dataset
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=sorted(IDENTIFYING), force=True)
+        ds = read_dataset(path, stop_before_pixels=True, specific_tags=sorted(IDENTIFYING), force=True)
     except Exception:
         return []
     terms: set[str] = set()

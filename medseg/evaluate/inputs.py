@@ -179,10 +179,10 @@ def _file_input(path: Path) -> LabelInput:
     """A label file with the series/study it belongs to (SEG header, or a medseg JSON sidecar)."""
     series_uid = study_uid = ""
     if split_suffix(path)[1] not in VOLUME_SUFFIXES:
-        import pydicom
+        from medseg.io.dicom import read_dataset
 
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = read_dataset(path, stop_before_pixels=True, force=True)
             refs = ds.get("ReferencedSeriesSequence") or []
             series_uid = str(refs[0].get("SeriesInstanceUID", "")) if len(refs) else ""
             study_uid = str(ds.get("StudyInstanceUID", "") or "")

@@ -163,7 +163,7 @@ def source_headers(image: Volume) -> list[Any]:
     Raises:
         MedsegError: The volume does not come from DICOM files, or a file cannot be read again.
     """
-    import pydicom
+    from medseg.io.dicom import read_dataset
 
     files = [str(f) for f in image.meta.get("slice_files", []) if f]
     if not files:
@@ -172,7 +172,7 @@ def source_headers(image: Volume) -> list[Any]:
     headers: dict[str, Any] = {}
     for path in dict.fromkeys(files):  # a multi-frame file or a mosaic holds several slices
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = read_dataset(path, stop_before_pixels=True)
         except Exception as exc:
             raise MedsegError(f"{path}: cannot re-read the source header ({type(exc).__name__}: {exc})") from exc
         uid = str(ds.get("SOPInstanceUID", "") or "")

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 
 from medseg.io.volume import Volume
 
@@ -127,7 +126,9 @@ def read_first_header(volume: Volume) -> Any | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(Path(files[0]), stop_before_pixels=True, force=True)
+            from medseg.io.dicom import read_dataset
+
+            return read_dataset(Path(files[0]), stop_before_pixels=True, force=True)
     except Exception:
         return None
 
@@ -215,7 +216,9 @@ def _echo_time(entry: dict[str, Any]) -> float | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["EchoTime"], force=True)
+            from medseg.io.dicom import read_dataset
+
+            ds = read_dataset(files[0], stop_before_pixels=True, specific_tags=["EchoTime"], force=True)
     except Exception:
         return None
     number = _number(ds.get("EchoTime"))

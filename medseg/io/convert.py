@@ -34,7 +34,7 @@ import numpy as np
 
 from medseg.errors import InputError, MedsegError, OutputExistsError
 from medseg.io.cli import add_convert_parser
-from medseg.io.dicom import DicomSeries, TiltPolicy, load_series, scan_dicom
+from medseg.io.dicom import DicomSeries, TiltPolicy, load_series, read_dataset, scan_dicom
 from medseg.io.images import VOLUME_SUFFIXES, read_image_file, split_suffix, write_json_atomic, write_volume
 from medseg.io.paths import check_output_dir, refuse_input_overlap, require_input
 from medseg.io.pattern import DEFAULT_PATTERN, check_pattern, expand_pattern, safe_component
@@ -73,12 +73,10 @@ class ConvertItem:
 def _header(path: Path) -> Any:
     import warnings
 
-    import pydicom
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return read_dataset(path, stop_before_pixels=True, force=True)
     except Exception:
         return {}
 

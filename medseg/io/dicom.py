@@ -55,6 +55,7 @@ __all__ = [
     "discover_series",
     "is_dicom_file",
     "load_series",
+    "read_dataset",
     "read_dicom_series",
     "scan_dicom",
 ]
@@ -734,6 +735,16 @@ class _CappedReader:
 def _capped_open(path: Path) -> Iterator[Any]:
     with path.open("rb") as fh:
         yield _CappedReader(fh, os.fstat(fh.fileno()).st_size)
+
+
+def read_dataset(path: PathLike, **kwargs: Any) -> Any:
+    """``pydicom.dcmread(path, **kwargs)`` for untrusted files: reads never ask for more than the file holds.
+
+    A corrupt element length (say 4 GiB in a 60 KiB file) makes plain ``dcmread`` allocate that much
+    before it finds out the bytes are not there; here it fails (or reads what is there) at once.
+    """
+    with _capped_open(Path(path)) as fh:
+        return pydicom.dcmread(fh, **kwargs)
 
 
 def _non_image_reason(sop_class: str) -> str:

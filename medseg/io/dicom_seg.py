@@ -47,12 +47,11 @@ from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from medseg.errors import ExportError, GeometryError, InputError, MedsegError
-from medseg.io.dicom import is_dicom_file
+from medseg.io.dicom import is_dicom_file, read_dataset
 from medseg.io.dicom_stack import (
     ORIENTATION_ATOL,
     PIXEL_SPACING_ATOL,
@@ -153,7 +152,7 @@ def coded_property(name: str) -> tuple[Any, Any]:
 # ----------------------------------------------------------------- sources
 def _read_header(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return read_dataset(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise InputError(path, f"cannot read DICOM header ({exc})") from exc
 
@@ -546,7 +545,7 @@ def is_dicom_seg(path: PathLike) -> bool:
     if not path.is_file() or not is_dicom_file(path):
         return False
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"], force=True)
+        ds = read_dataset(path, stop_before_pixels=True, specific_tags=["SOPClassUID"], force=True)
     except Exception:
         return False
     sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
@@ -556,7 +555,7 @@ def is_dicom_seg(path: PathLike) -> bool:
 def referenced_series_uid(path: PathLike) -> str | None:
     """SeriesInstanceUID of the image series a SEG references (the first ReferencedSeriesSequence item)."""
     try:
-        ds = pydicom.dcmread(Path(path), stop_before_pixels=True, force=True)
+        ds = read_dataset(Path(path), stop_before_pixels=True, force=True)
     except Exception:
         return None
     for item in ds.get("ReferencedSeriesSequence") or []:

@@ -32,7 +32,7 @@ import numpy as np
 import pydicom
 
 from medseg.errors import InputError
-from medseg.io.dicom import DicomFrame, DicomSeries, OutputDtype, PixelLayout, TiltPolicy, _capped_open
+from medseg.io.dicom import DicomFrame, DicomSeries, OutputDtype, PixelLayout, TiltPolicy, _capped_open, read_dataset
 from medseg.io.dicom_checks import check_codestream, check_decoded, check_pixel_header
 from medseg.io.limits import check_declared_size
 from medseg.io.volume import Geometry, Volume
@@ -507,7 +507,7 @@ def decode_file(path: Path, layout: PixelLayout | None) -> np.ndarray:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, force=True)
+                ds = read_dataset(path, force=True)
             if "PixelData" not in ds:
                 raise InputError(path, "DICOM without pixel data")
             array = ds.pixel_array

@@ -21,7 +21,7 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.cli import add_info_parser
-from medseg.io.dicom import load_series, scan_dicom
+from medseg.io.dicom import load_series, read_dataset, scan_dicom
 from medseg.io.images import VOLUME_SUFFIXES, read_image_file, split_suffix
 from medseg.io.paths import require_input
 from medseg.io.volume import Volume
@@ -91,10 +91,8 @@ def gather_info(
 
 def _seg_summary(path: Path) -> dict[str, Any]:
     """Header facts of a DICOM SEG found in a folder (no pixels decoded)."""
-    import pydicom
-
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        ds = read_dataset(path, stop_before_pixels=True, force=True)
     except Exception as exc:
         return {"file": str(path), "error": f"{type(exc).__name__}: {exc}"}
     refs = [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence") or []]

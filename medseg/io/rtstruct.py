@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -54,7 +53,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from medseg.errors import GeometryError, InputError
-from medseg.io.dicom import discover_series, is_dicom_file, read_dicom_series
+from medseg.io.dicom import discover_series, is_dicom_file, read_dataset, read_dicom_series
 from medseg.io.images import atomic_path
 from medseg.io.polygons import (
     OverlapPolicy,
@@ -218,7 +217,7 @@ class StructureSet:
 def _dcmread(path: Path, *, stop_before_pixels: bool = True) -> Dataset:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid-UI / VR warnings in real files are not errors here
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        return read_dataset(path, stop_before_pixels=stop_before_pixels)
 
 
 def is_rtstruct(path: PathLike) -> bool:
@@ -229,7 +228,7 @@ def is_rtstruct(path: PathLike) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
+            ds = read_dataset(p, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
     except Exception:  # a corrupt file is not an RTSTRUCT (pydicom raises many types)
         return False
     return str(ds.get("Modality", "")) == "RTSTRUCT" or str(ds.get("SOPClassUID", "")) == RTSTRUCT_SOP_CLASS_UID
