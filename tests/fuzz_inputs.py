@@ -171,6 +171,9 @@ def _exercise(mutant: Mutant, work: Path) -> None:
 def run_worker(first: int, count: int, budget_s: float, out: Path) -> None:
     """Run mutants ``first .. first+count-1`` (or until ``budget_s`` is spent); write the summary to ``out``."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import warnings
+
+    warnings.simplefilter("ignore")  # pydicom warns (at length) about every garbled value
     import numpy  # noqa: F401  (imports before the address-space limit)
     import SimpleITK as sitk
 
@@ -255,7 +258,8 @@ def run_fuzz(*, first: int = 0, count: int = 2000, budget_s: float = 1e9, python
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         command = [python, str(Path(__file__).resolve()), "--worker", "--first", str(first), "--count", str(count)]
         command += ["--budget", str(budget_s), "--out", str(result)]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        errors = (Path(tmp) / "stderr.txt").open("w")  # (a pipe nobody drains would block the worker)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
         assert process.stdout is not None
         selector = selectors.DefaultSelector()
         selector.register(process.stdout, selectors.EVENT_READ)
@@ -273,7 +277,8 @@ def run_fuzz(*, first: int = 0, count: int = 2000, budget_s: float = 1e9, python
             if line.startswith("START "):
                 current = int(line.split()[1])
         process.wait()
-        stderr = process.stderr.read() if process.stderr else ""
+        errors.close()
+        stderr = (Path(tmp) / "stderr.txt").read_text(errors="replace")
         if hang is not None or not result.exists():
             summary = Summary()
             summary.failures.append(
