@@ -23,6 +23,7 @@ import json
 import multiprocessing.dummy
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,7 @@ def _shrink_architecture(config: dict, *, features: int = 4, max_features: int =
     arch["n_conv_per_stage_decoder"] = [1] * (n - 1)
     divisor = np.prod(np.asarray(arch["strides"]), axis=0)
     median = np.asarray(config["median_image_size_in_voxels"], dtype=float)
-    patch = [max(int(d), int(d * round(m * 0.6 / d))) for d, m in zip(divisor, median, strict=True)]
+    patch = [max(int(d), int(d * round(m * 0.7 / d))) for d, m in zip(divisor, median, strict=True)]
     config["patch_size"] = patch
     config["batch_size"] = 2
 
@@ -160,13 +161,37 @@ def _training_batch(trainer, cases: list[tuple[np.ndarray, np.ndarray]], rng: np
     return {"data": torch.from_numpy(np.stack(data)).float(), "target": target_t}
 
 
-def train_fold(name: str, plans: dict, plans_id: str, configuration: str, fold: int, *, steps: int) -> Path:
+_PREPROCESSED: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def _preprocessed_cases(name: str, plans: dict, configuration: str, dataset_json: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Training cases through nnU-Net's DefaultPreprocessor (once per dataset and configuration)."""
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    key = (name, configuration)
+    if key not in _PREPROCESSED:
+        pm = PlansManager(plans)
+        cm = pm.get_configuration(configuration)
+        pre = DefaultPreprocessor(verbose=False)
+        cases = []
+        for label in sorted((Path(nnUNet_raw) / name / "labelsTr").glob("*.nii.gz")):
+            case_id = label.name[: -len(".nii.gz")]
+            images = sorted(str(p) for p in (Path(nnUNet_raw) / name / "imagesTr").glob(f"{case_id}_*.nii.gz"))
+            data, seg, _ = pre.run_case(images, str(label), pm, cm, dataset_json)
+            cases.append((data, seg))
+        _PREPROCESSED[key] = cases
+    return _PREPROCESSED[key]
+
+
+def train_fold(
+    name: str, plans: dict, plans_id: str, configuration: str, fold: int, *, steps: int, mirror_axes: tuple | None
+) -> Path:
     """nnUNetTrainer from the plans, a few steps, decisive heads, checkpoint_final/best written by nnU-Net."""
     import torch
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     torch.manual_seed(SEED + fold)
     dataset_json = json.loads((Path(nnUNet_raw) / name / "dataset.json").read_text())
@@ -181,15 +206,9 @@ def train_fold(name: str, plans: dict, plans_id: str, configuration: str, fold: 
     (data_dir / "placeholder.b2nd").touch()
     trainer.initialize()
     trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets inference_allowed_mirroring_axes
-    pm = PlansManager(trainer.plans_manager.plans)
-    cm = pm.get_configuration(configuration)
-    pre = DefaultPreprocessor(verbose=False)
-    cases = []
-    for label in sorted((Path(nnUNet_raw) / name / "labelsTr").glob("*.nii.gz")):
-        case_id = label.name[: -len(".nii.gz")]
-        images = sorted(str(p) for p in (Path(nnUNet_raw) / name / "imagesTr").glob(f"{case_id}_*.nii.gz"))
-        data, seg, _ = pre.run_case(images, str(label), pm, cm, dataset_json)
-        cases.append((data, seg))
+    if mirror_axes is not None:  # as trainer variants restricting mirroring do (fewer flips: cheaper tests)
+        trainer.inference_allowed_mirroring_axes = mirror_axes
+    cases = _preprocessed_cases(name, trainer.plans_manager.plans, configuration, dataset_json)
     rng = np.random.default_rng(SEED + fold)
     trainer.network.train()
     outputs = [trainer.train_step(_training_batch(trainer, cases, rng)) for _ in range(steps)]
@@ -207,6 +226,10 @@ def train_fold(name: str, plans: dict, plans_id: str, configuration: str, fold: 
     fingerprint = Path(nnUNet_preprocessed) / name / "dataset_fingerprint.json"
     (folder / "dataset_fingerprint.json").write_text(fingerprint.read_text())
     return folder
+
+
+def _log(text: str) -> None:
+    print(f"[fixtures] {text}", file=sys.stderr, flush=True)
 
 
 def _thread_pools() -> None:
@@ -227,26 +250,119 @@ def _thread_pools() -> None:
     mp.get_context = lambda method=None: _Context(real_get_context(method))  # type: ignore[assignment]
 
 
+# ----------------------------------------------------------------------------------- references
+#: name -> (dataset, configuration, folds, mirroring, test case, plans reader override, probabilities)
+SCENARIOS: dict[str, tuple[str, str, tuple[int, ...], bool, str, str | None, bool]] = {
+    "ct_2folds": ("Dataset501_CT", "3d_fullres", (0, 1), False, "test_004", None, False),
+    "ct_mirror": ("Dataset501_CT", "3d_fullres", (0,), True, "test_005", None, False),
+    "ct_2d_mirror": ("Dataset501_CT", "2d", (0,), True, "test_004", None, False),
+    "ct_nibabel_reorient": ("Dataset501_CT", "3d_fullres", (0,), False, "test_005", "NibabelIOWithReorient", False),
+    "ct_sitk_reorient": ("Dataset501_CT", "3d_fullres", (0,), False, "test_005", "SimpleITKIOWithReorient", False),
+    "mr_mask": ("Dataset502_MRMasked", "3d_fullres", (0,), False, "test_004", None, True),
+    "aniso": ("Dataset503_Aniso", "3d_fullres", (0,), False, "test_004", None, False),
+    "regions": ("Dataset504_Regions", "3d_fullres", (0,), False, "test_004", None, True),
+}
+
+
+def _reader_variant(folder: Path, reader: str, out: Path) -> Path:
+    """A copy of a model folder whose plans name another image reader (same weights)."""
+    import shutil
+
+    target = out / folder.parent.name / folder.name
+    if not target.exists():
+        shutil.copytree(folder, target)
+        plans = json.loads((target / "plans.json").read_text())
+        plans["image_reader_writer"] = reader
+        (target / "plans.json").write_text(json.dumps(plans, indent=2))
+    return target
+
+
+def reference(folder: Path, files: list[str], folds: tuple[int, ...], mirror: bool, out: Path, probabilities: bool) -> None:
+    """nnUNetPredictor on ``files``: logits on the cropped input grid and labels, float32 accumulation.
+
+    nnU-Net blends windows in float16 buffers; they are made float32 here (``torch.half`` swapped for the
+    call) so that the logits can be compared tightly; the stock predictor is used end to end below.
+    """
+    import torch
+    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=mirror, perform_everything_on_device=False,
+                        device=torch.device("cpu"), allow_tqdm=False)
+    p.initialize_from_trained_model_folder(str(folder), use_folds=folds)
+    image, props = p.plans_manager.image_reader_writer_class().read_images(files)
+    dct = next(PreprocessAdapterFromNpy([image], [None], [props], [None], p.plans_manager, p.dataset_json,
+                                        p.configuration_manager, num_threads_in_multithreaded=1))
+    half, torch.half = torch.half, torch.float32
+    try:
+        logits = p.predict_logits_from_preprocessed_data(dct["data"]).cpu()
+    finally:
+        torch.half = half
+    props = dct["data_properties"]
+    cm = p.configuration_manager
+    spacing_t = [props["spacing"][i] for i in p.plans_manager.transpose_forward]
+    current = cm.spacing if len(cm.spacing) == 3 else [spacing_t[0], *cm.spacing]
+    back = cm.resampling_fn_probabilities(logits, props["shape_after_cropping_and_before_resampling"], current, spacing_t)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "logits.npy", np.asarray(back, dtype=np.float32))
+    result = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, p.plans_manager, cm, p.label_manager, props, return_probabilities=probabilities
+    )
+    seg, probs = result if probabilities else (result, None)
+    np.save(out / "seg.npy", np.asarray(seg))
+    if probs is not None:
+        np.save(out / "probabilities.npy", np.asarray(probs, dtype=np.float32))
+    bbox = [[int(a), int(b)] for a, b in props["bbox_used_for_cropping"]]
+    (out / "meta.json").write_text(json.dumps({"bbox": bbox, "files": files}))
+
+
+def end_to_end(folder: Path, inputs: Path, out: Path, folds: tuple[int, ...]) -> None:
+    """The stock predictor, file to file (``predict_from_files_sequential``: no worker processes)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
+                        device=torch.device("cpu"), allow_tqdm=False)
+    p.initialize_from_trained_model_folder(str(folder), use_folds=folds)
+    out.mkdir(parents=True, exist_ok=True)
+    p.predict_from_files_sequential(str(inputs), str(out), save_probabilities=False, overwrite=True)
+
+
 def build(root: Path) -> dict[str, dict[str, str]]:
-    """Every fixture model; returns ``{dataset: {model key: folder}}`` (also written to ``root/models.json``)."""
+    """Every fixture model and reference; returns ``{dataset: {configuration: folder}}`` (``root/models.json``)."""
     _thread_pools()
     inputs = root / "inputs"
     raw = Path(os.environ["nnUNet_raw"])
     models: dict[str, dict[str, str]] = {}
-    recipes = {
-        "Dataset501_CT": ("default", [("3d_fullres", 0), ("3d_fullres", 1), ("2d", 0)]),
-        "Dataset502_MRMasked": ("ResEncM", [("3d_fullres", 0)]),
-        "Dataset503_Aniso": ("default", [("3d_fullres", 0)]),
-        "Dataset504_Regions": ("default", [("3d_fullres", 0)]),
+    recipes = {  # (configuration, fold, mirroring axes saved in the checkpoint: None = the trainer's)
+        "Dataset501_CT": ("default", [("3d_fullres", 0, (0, 2)), ("3d_fullres", 1, (0, 2)), ("2d", 0, (1,))]),
+        "Dataset502_MRMasked": ("ResEncM", [("3d_fullres", 0, None)]),
+        "Dataset503_Aniso": ("default", [("3d_fullres", 0, None)]),
+        "Dataset504_Regions": ("default", [("3d_fullres", 0, None)]),
     }
     for name, (planner, runs) in recipes.items():
+        t0 = time.perf_counter()
         write_raw_dataset(raw, name, inputs)
+        t1 = time.perf_counter()
         plans, plans_id = plan(name, planner)
-        for configuration, fold in runs:
+        t2 = time.perf_counter()
+        for configuration, fold, axes in runs:
             if configuration not in plans["configurations"]:
                 continue
-            folder = train_fold(name, plans, plans_id, configuration, fold, steps=6)
+            folder = train_fold(name, plans, plans_id, configuration, fold, steps=3, mirror_axes=axes)
             models.setdefault(name, {})[configuration] = str(folder)
+        _log(f"{name}: raw {t1 - t0:.1f} s, plan {t2 - t1:.1f} s, train {time.perf_counter() - t2:.1f} s")
+    for name, (dataset, configuration, folds, mirror, case, reader, probs) in SCENARIOS.items():
+        folder = Path(models[dataset][configuration])
+        if reader is not None:
+            folder = _reader_variant(folder, reader, root / "variants" / reader)
+        files = sorted(str(f) for f in (inputs / dataset).glob(f"{case}_*.nii.gz"))
+        t0 = time.perf_counter()
+        reference(folder, files, folds, mirror, root / "reference" / name, probs)
+        _log(f"reference {name}: {time.perf_counter() - t0:.1f} s")
+        models.setdefault("scenarios", {})[name] = str(folder)  # type: ignore[assignment]
+    end_to_end(Path(models["Dataset501_CT"]["3d_fullres"]), inputs / "Dataset501_CT", root / "end_to_end", (0, 1))
     (root / "models.json").write_text(json.dumps(models, indent=2))
     return models
 

@@ -102,6 +102,8 @@ class BatchOptions:
         world_size: Number of ranks (default: ``WORLD_SIZE`` env, else 1).
         journal_mode: SQLite journal (default ``WAL``; ``DELETE`` for several hosts).
         device: Inference device (default: the model config's; ``cuda:LOCAL_RANK`` under torchrun).
+        folds: nnU-Net folds (``"0,1"``, ``"all"``; default: every fold found).
+        checkpoint: nnU-Net checkpoint, ``final`` or ``best``.
     """
 
     outputs: tuple[str, ...] = ("nifti", "json")
@@ -119,6 +121,8 @@ class BatchOptions:
     world_size: int | None = None
     journal_mode: str | None = None
     device: str | None = None
+    folds: str | None = None
+    checkpoint: Literal["final", "best"] = "final"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings."""
@@ -152,18 +156,15 @@ def distributed_env(rank: int | None = None, world_size: int | None = None) -> t
     return r, world, local_rank, max(1, local_world)
 
 
-def model_fingerprint(model_dir: PathLike) -> str:
-    """Identity of a model directory: SHA-256 of its weights and plan (16 hex digits)."""
-    digest = hashlib.sha256()
-    for name in ("weights.pt", "plan.yaml"):
-        path = Path(model_dir) / name
-        try:
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError as exc:
-            raise MedsegError(f"{path}: cannot read the model ({exc.strerror or exc})") from exc
-    return digest.hexdigest()[:16]
+def model_fingerprint(model: PathLike, *, folds: str | None = None, checkpoint: str = "final") -> str:
+    """Identity of a model (16 hex digits; a medseg model directory: SHA-256 of its weights and plan).
+
+    Raises:
+        ModelError: Not a model, or its files cannot be read.
+    """
+    from medseg.models.adapters import open_model
+
+    return open_model(model, folds=folds, checkpoint=checkpoint).fingerprint()  # type: ignore[arg-type]
 
 
 _CRASH_COUNTS: dict[str, int] = {}
@@ -554,7 +555,7 @@ class _Runner:
     ):
         self.root, self.out, self.model_dir, self.options = root, out, model, options
         self.manifest, self.rank, self.world = manifest, rank, world
-        self.model_id = model_fingerprint(model)
+        self.model_id = model_fingerprint(model, folds=options.folds, checkpoint=options.checkpoint)
         self.outputs = tuple(o for o in OUTPUTS if o in options.outputs)
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
@@ -890,15 +891,16 @@ class _Runner:
             raise
 
 
-def _make_predictor(model: Path, device: str | None) -> Any:
+def _make_predictor(model: Path, device: str | None, options: BatchOptions | None = None) -> Any:
     from medseg.infer.predictor import Predictor
-    from medseg.models.package import load_model
+    from medseg.models.adapters import open_model
 
-    loaded = load_model(model)
-    infer = loaded.config.infer
+    options = options or BatchOptions()
+    adapter = open_model(model, folds=options.folds, checkpoint=options.checkpoint)
+    infer = adapter.infer_defaults
     if device is not None:
         infer = infer.model_copy(update={"device": device})
-    return Predictor(loaded, infer=infer)
+    return Predictor(adapter, infer=infer)
 
 
 def run_batch(
@@ -911,7 +913,7 @@ def run_batch(
 
     Args:
         input_root: Archive folder (searched recursively).
-        model: Model directory.
+        model: Model (medseg model directory or nnU-Net folder, see :func:`medseg.models.adapters.open_model`).
         out_dir: Output folder (created); holds the manifest and one folder per series.
         options: Run settings.
 
@@ -921,7 +923,7 @@ def run_batch(
     Raises:
         InputError: The input root does not exist.
         ConfigError: Invalid options or rules.
-        ModelError: The model directory cannot be loaded.
+        ModelError: The model cannot be loaded.
     """
     options = options or BatchOptions()
     options.validate()
@@ -970,7 +972,7 @@ def run_batch(
         if options.process:
             total = manifest.count("pending", rank=rank, world_size=world)
             if total:
-                runner.predictor = _make_predictor(Path(model), device)
+                runner.predictor = _make_predictor(Path(model), device, options)
                 if options.workers is None:
                     runner.workers = 2 if getattr(runner.predictor.device, "type", "cpu") == "cuda" else 0
             runner.run(total)

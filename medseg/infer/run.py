@@ -106,7 +106,7 @@ def predict_to_folder(
         One record per case.
     """
     out = Path(out_dir)
-    cases = group_inputs(inputs, num_channels=len(predictor.model.plan.channels))
+    cases = group_inputs(inputs, num_channels=predictor.num_channels)
     records: list[dict[str, Any]] = []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
     for case in bar:

@@ -1,10 +1,13 @@
-"""``medseg info``: the series in a folder (headers only) or the geometry of one volume.
+"""``medseg info``: the series in a folder (headers only), the geometry of one volume, or a model.
 
 For a folder every DICOM image series is listed (key/UID, modality, description, slices,
 shape, spacing, orientation code) from headers alone, with a count of skipped files per
 reason; when the folder holds exactly one series its volume is also loaded and
 described.  For a file (NIfTI, NRRD, MHA, or a DICOM file) the volume is loaded and its
-geometry (shape, spacing, origin, direction, orientation) and value range are shown.
+geometry (shape, spacing, origin, direction, orientation) and value range are shown.  For a model
+(a medseg model directory or an nnU-Net results folder) the model seam's ``describe()`` is shown
+(channels, labels, spacing, patch, network, folds; no weights are loaded): the one place the IO stage
+uses :mod:`medseg.models`, lazily.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def gather_info(path: PathLike, *, load: bool = True, tilt: str = "error") -> di
         tilt: Gantry-tilt policy when loading DICOM (``"error"`` or ``"resample"``).
 
     Returns:
-        ``{"path", "kind": "folder" | "file", "series": [...], "skipped": {...}, "volume": {...} | None}``.
+        ``{"path", "kind": "folder" | "file" | "model", "series": [...], "skipped": {...}, "volume": {...} | None}``
+        (a model also has ``"model"``: its description).
 
     Raises:
         InputError: Missing path, nothing readable, or an unreadable volume file.
@@ -43,6 +47,12 @@ def gather_info(path: PathLike, *, load: bool = True, tilt: str = "error") -> di
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or folder")
+    if p.is_dir():
+        from medseg.models.adapters import ADAPTERS, open_model  # a model folder: the model seam describes it
+
+        if any(adapter.recognises(p) for adapter in ADAPTERS):
+            model = open_model(p).describe()
+            return {"path": str(p), "kind": "model", "series": [], "skipped": {}, "volume": None, "model": model}
     if p.is_file() and split_suffix(p)[1] in VOLUME_SUFFIXES:
         volume = read_image_file(p)
         return {"path": str(p), "kind": "file", "series": [], "skipped": {}, "volume": describe_volume(volume)}
@@ -85,6 +95,8 @@ def describe_volume(volume: Volume) -> dict[str, Any]:
 def format_info(data: dict[str, Any]) -> str:
     """Human-readable text for :func:`gather_info` output."""
     lines: list[str] = []
+    if data.get("model") is not None:
+        return _format_model(data["model"])
     series = data["series"]
     if series:
         skipped = data["skipped"]
@@ -113,6 +125,22 @@ def format_info(data: dict[str, Any]) -> str:
     volume = data.get("volume")
     if volume is not None:
         lines.extend(_format_volume(volume, data["path"] if not series else None))
+    return "\n".join(lines)
+
+
+def _format_model(m: dict[str, Any]) -> str:
+    """A model's ``describe()`` as aligned ``key  value`` lines."""
+    lines = [f"{m.get('path')}: {m.get('format')}"]
+    for key, value in m.items():
+        if key in ("path", "format") or value is None:
+            continue
+        if key == "channels":
+            value = ", ".join(f"{c['name']} ({c['modality']}, {c['normalization']})" for c in value)
+        elif key == "labels":
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        lines.append(f"  {key:<18} {value}")
     return "\n".join(lines)
 
 

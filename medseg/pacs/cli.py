@@ -19,6 +19,7 @@ from typing import Any
 
 from medseg.batch.cli import parse_outputs
 from medseg.errors import run_reporting_errors
+from medseg.infer.cli import add_model_selection_arguments
 
 __all__ = ["add_listen_parser", "add_pacs_parser", "main"]
 
@@ -133,6 +134,8 @@ def _run_options(args: argparse.Namespace, *, store: bool) -> Any:
         retry_failed=getattr(args, "retry_failed", False),
         seg_type=args.seg_type,
         device=args.device,
+        folds=args.folds,
+        checkpoint=args.checkpoint,
         workers=args.workers,
         progress=not args.quiet,
         protocol=args.protocol,
@@ -184,7 +187,8 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 
 def _add_segment_options(p: argparse.ArgumentParser, *, default_outputs: tuple[str, ...]) -> None:
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model: medseg model directory or nnU-Net v2 results folder")
+    add_model_selection_arguments(p)
     p.add_argument("--out", required=True, help="output folder (manifest, inputs, results, summaries)")
     p.add_argument(
         "--outputs",

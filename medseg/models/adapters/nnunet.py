@@ -387,10 +387,10 @@ class NnUNetFolder(ModelAdapter):
 
     @classmethod
     def recognises(cls, path: Path) -> bool:
-        """A directory with plans.json, dataset.json or fold_* folders."""
+        """A directory with plans.json or fold_* folders (dataset.json alone is a raw dataset)."""
         if not path.is_dir():
             return False
-        if (path / "plans.json").exists() or (path / "dataset.json").exists():
+        if (path / "plans.json").exists():
             return True
         return any(_FOLD_RE.match(c.name) for c in path.iterdir() if c.is_dir())
 
