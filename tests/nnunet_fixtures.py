@@ -80,12 +80,20 @@ def write_raw_dataset(raw: Path, name: str, inputs: Path) -> None:
         extra["regions_class_order"] = [1, 2, 3]
     for case in range(n_train + n_test):
         channels, label = _phantom_channels(kind, case)
-        where, case_id = (folder / "imagesTr", f"case_{case:03d}") if case < n_train else (inputs / name, f"test_{case:03d}")
+        where, case_id = (
+            (folder / "imagesTr", f"case_{case:03d}") if case < n_train else (inputs / name, f"test_{case:03d}")
+        )
         for c, volume in enumerate(channels):
             write_volume(volume, where / f"{case_id}_{c:04d}.nii.gz", overwrite=True)
         if case < n_train:
             write_volume(label, folder / "labelsTr" / f"{case_id}.nii.gz", overwrite=True)
-    dataset = {"channel_names": channel_names, "labels": labels, "numTraining": n_train, "file_ending": ".nii.gz", **extra}
+    dataset = {
+        "channel_names": channel_names,
+        "labels": labels,
+        "numTraining": n_train,
+        "file_ending": ".nii.gz",
+        **extra,
+    }
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
 
 
@@ -126,7 +134,7 @@ def plan(name: str, planner: str) -> tuple[dict, str]:
     p.plan_experiment()
     plans_path = Path(nnUNet_preprocessed) / name / f"{p.plans_identifier}.json"
     plans = json.loads(plans_path.read_text())
-    for cname, config in plans["configurations"].items():
+    for config in plans["configurations"].values():
         if "architecture" in config:
             _shrink_architecture(config)
     plans_path.write_text(json.dumps(plans, indent=2))
@@ -156,7 +164,9 @@ def _training_batch(trainer, cases: list[tuple[np.ndarray, np.ndarray]], rng: np
     target_t = torch.from_numpy(np.stack(target).astype(np.int64))
     if lm.has_regions:
         regions = lm.foreground_regions
-        onehot = torch.stack([torch.isin(target_t[:, 0], torch.as_tensor(r)) for r in [list(np.atleast_1d(r)) for r in regions]], 1)
+        onehot = torch.stack(
+            [torch.isin(target_t[:, 0], torch.as_tensor(r)) for r in [list(np.atleast_1d(r)) for r in regions]], 1
+        )
         target_t = onehot.float()
     return {"data": torch.from_numpy(np.stack(data)).float(), "target": target_t}
 
@@ -164,7 +174,9 @@ def _training_batch(trainer, cases: list[tuple[np.ndarray, np.ndarray]], rng: np
 _PREPROCESSED: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
 
 
-def _preprocessed_cases(name: str, plans: dict, configuration: str, dataset_json: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+def _preprocessed_cases(
+    name: str, plans: dict, configuration: str, dataset_json: dict
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Training cases through nnU-Net's DefaultPreprocessor (once per dataset and configuration)."""
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
@@ -197,8 +209,9 @@ def train_fold(
     dataset_json = json.loads((Path(nnUNet_raw) / name / "dataset.json").read_text())
     plans = json.loads(json.dumps(plans))
     plans["continue_training"] = False
-    trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
-                            device=torch.device("cpu"))
+    trainer = nnUNetTrainer(
+        plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=torch.device("cpu")
+    )
     trainer.enable_deep_supervision = False
     # initialize() infers the dataset class from the preprocessed folder; we feed batches ourselves
     data_dir = Path(trainer.preprocessed_dataset_folder)
@@ -240,7 +253,7 @@ def _thread_pools() -> None:
         def __init__(self, real):
             self._real = real
 
-        def Pool(self, processes=None, *args, **kwargs):  # noqa: N802 - mirrors multiprocessing's API
+        def Pool(self, processes=None, *args, **kwargs):  # mirrors multiprocessing's API
             return multiprocessing.dummy.Pool(processes or 1)
 
         def __getattr__(self, item):
@@ -277,7 +290,9 @@ def _reader_variant(folder: Path, reader: str, out: Path) -> Path:
     return target
 
 
-def reference(folder: Path, files: list[str], folds: tuple[int, ...], mirror: bool, out: Path, probabilities: bool) -> None:
+def reference(
+    folder: Path, files: list[str], folds: tuple[int, ...], mirror: bool, out: Path, probabilities: bool
+) -> None:
     """nnUNetPredictor on ``files``: logits on the cropped input grid and labels, float32 accumulation.
 
     nnU-Net blends windows in float16 buffers; they are made float32 here (``torch.half`` swapped for the
@@ -288,12 +303,27 @@ def reference(folder: Path, files: list[str], folds: tuple[int, ...], mirror: bo
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=mirror, perform_everything_on_device=False,
-                        device=torch.device("cpu"), allow_tqdm=False)
+    p = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_mirroring=mirror,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
     p.initialize_from_trained_model_folder(str(folder), use_folds=folds)
     image, props = p.plans_manager.image_reader_writer_class().read_images(files)
-    dct = next(PreprocessAdapterFromNpy([image], [None], [props], [None], p.plans_manager, p.dataset_json,
-                                        p.configuration_manager, num_threads_in_multithreaded=1))
+    dct = next(
+        PreprocessAdapterFromNpy(
+            [image],
+            [None],
+            [props],
+            [None],
+            p.plans_manager,
+            p.dataset_json,
+            p.configuration_manager,
+            num_threads_in_multithreaded=1,
+        )
+    )
     half, torch.half = torch.half, torch.float32
     try:
         logits = p.predict_logits_from_preprocessed_data(dct["data"]).cpu()
@@ -303,7 +333,9 @@ def reference(folder: Path, files: list[str], folds: tuple[int, ...], mirror: bo
     cm = p.configuration_manager
     spacing_t = [props["spacing"][i] for i in p.plans_manager.transpose_forward]
     current = cm.spacing if len(cm.spacing) == 3 else [spacing_t[0], *cm.spacing]
-    back = cm.resampling_fn_probabilities(logits, props["shape_after_cropping_and_before_resampling"], current, spacing_t)
+    back = cm.resampling_fn_probabilities(
+        logits, props["shape_after_cropping_and_before_resampling"], current, spacing_t
+    )
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "logits.npy", np.asarray(back, dtype=np.float32))
     result = convert_predicted_logits_to_segmentation_with_correct_shape(
@@ -322,8 +354,13 @@ def end_to_end(folder: Path, inputs: Path, out: Path, folds: tuple[int, ...]) ->
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
-                        device=torch.device("cpu"), allow_tqdm=False)
+    p = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_mirroring=False,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
     p.initialize_from_trained_model_folder(str(folder), use_folds=folds)
     out.mkdir(parents=True, exist_ok=True)
     p.predict_from_files_sequential(str(inputs), str(out), save_probabilities=False, overwrite=True)
@@ -333,7 +370,7 @@ def build(root: Path) -> dict[str, dict[str, str]]:
     """Every fixture model and reference; returns ``{dataset: {configuration: folder}}`` (``root/models.json``)."""
     _thread_pools()
     inputs = root / "inputs"
-    raw = Path(os.environ["nnUNet_raw"])
+    raw = Path(os.environ["nnUNet_raw"])  # noqa: SIM112 - nnU-Net's own variable name
     models: dict[str, dict[str, str]] = {}
     recipes = {  # (configuration, fold, mirroring axes saved in the checkpoint: None = the trainer's)
         "Dataset501_CT": ("default", [("3d_fullres", 0, (0, 2)), ("3d_fullres", 1, (0, 2)), ("2d", 0, (1,))]),

@@ -206,7 +206,7 @@ def test_info_and_evaluate_labels_use_the_seam(models: dict, capsys: pytest.Capt
     assert main(["info", folder]) == 0
     text = capsys.readouterr().out
     assert "nnU-Net v2 results folder" in text and "3d_fullres" in text and "liver_all" in text
-    names, regions = load_label_names(folder)
+    names, _ = load_label_names(folder)
     assert names == {1: "liver_all", 2: "kidney", 3: "lesion"}
 
 

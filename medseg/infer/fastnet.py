@@ -119,10 +119,9 @@ def prepare_network(
     if channels_last:
         net = _wrap_norms(net)
     net = net.to(device=torch.device(device), dtype=dtype)
-    if channels_last:  # 3D weights channels-last-3d; 2D ones (a 2D network run on slices) channels-last
-        net = net._apply(_channels_last_weights)
-    else:
-        net = net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    # channels-last: 3D weights channels-last-3d, 2D ones (a 2D network run on slices) channels-last
+    fmt = torch.contiguous_format
+    net = net._apply(_channels_last_weights) if channels_last else net.to(memory_format=fmt)  # type: ignore[call-overload]
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)

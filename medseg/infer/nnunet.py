@@ -136,7 +136,7 @@ def reader_axes(reader: str, geometry: Geometry) -> AxisMap:
 # ----------------------------------------------------------------------------- nnU-Net rules
 def compute_new_shape(old_shape: Any, old_spacing: Any, new_spacing: Any) -> tuple[int, ...]:
     """nnU-Net's ``compute_new_shape``: ``round(old_spacing / new_spacing * old_shape)`` per axis."""
-    return tuple(int(round(i / j * k)) for i, j, k in zip(old_spacing, new_spacing, old_shape, strict=True))
+    return tuple(int(round(i / j * k)) for i, j, k in zip(old_spacing, new_spacing, old_shape, strict=True))  # noqa: RUF046 - numpy floats
 
 
 def _lowres_axes(spacing: Any) -> np.ndarray:
@@ -311,7 +311,9 @@ class NnUNetPipeline:
         first = channels[0]
         for index, other in enumerate(channels[1:], start=1):
             first.geometry.require_same(
-                other.geometry, atol=GRID_ATOL, what=f"image channel 0 ({first.source}) and channel {index} ({other.source})"
+                other.geometry,
+                atol=GRID_ATOL,
+                what=f"image channel 0 ({first.source}) and channel {index} ({other.source})",
             )
         axes = reader_axes(recipe.reader, first.geometry)
         spacing = axes.spacing(first.geometry)
@@ -327,7 +329,7 @@ class NnUNetPipeline:
         spacing_t = [spacing[i] for i in tf]
         shape_before = (int(data.shape[1]), int(data.shape[2]), int(data.shape[3]))
         box = crop_box(data)
-        cropped = data[(slice(None), *box)]
+        cropped = data[(slice(None), box[0], box[1], box[2])]
         mask = _nonzero_mask(cropped) if any(n.use_mask for n in recipe.normalization) else None
         normalize(cropped, recipe, mask)
         del mask
@@ -427,7 +429,7 @@ class NnUNetPipeline:
             region[axis] = slice(box[axis].start + o0, box[axis].start + o1)
             labels_t[tuple(region)] = self._decode(logits).numpy()
             if probs_t is not None and probabilities is not None:
-                probs_t[(slice(None), *region)] = self._probabilities(logits, probabilities)
+                probs_t[(slice(None), region[0], region[1], region[2])] = self._probabilities(logits, probabilities)
 
         if prepared.back.is_identity:  # network grid = cropped input grid: labels straight from the slabs
             for slab in self._slabs(prepared.image):

@@ -142,7 +142,7 @@ def torch_operator(n_in: int, n_out: int, mode: str) -> AxisOperator:
     if n_in == n_out:
         return _operator(np.eye(n_in))
     eye = torch.eye(n_in, dtype=torch.float32)[None]  # (1, C=n_in, L=n_in): channel j is the j-th unit vector
-    out = F.interpolate(eye, size=n_out, mode=mode) if mode != "linear" else F.interpolate(eye, size=n_out, mode=mode)
+    out = F.interpolate(eye, size=n_out, mode=mode)
     return _operator(out[0].T.double().numpy())
 
 
@@ -180,7 +180,9 @@ class ResamplePlan:
         return all(op.is_identity for s in self.stages for op in s.ops.values()) or not self.stages
 
 
-def _apply_axis(x: torch.Tensor, matrix: torch.Tensor, blocks: Sequence[tuple[int, int, int, int]], dim: int) -> torch.Tensor:
+def _apply_axis(
+    x: torch.Tensor, matrix: torch.Tensor, blocks: Sequence[tuple[int, int, int, int]], dim: int
+) -> torch.Tensor:
     """Multiply ``x`` along ``dim`` by a banded ``(n_out, n_in)`` matrix (float32)."""
     x = x.contiguous()
     shape = list(x.shape)
@@ -256,10 +258,14 @@ def resample_chunks(
                     x = torch.maximum(torch.minimum(x, hi_b.view(shape).to(dtype)), lo_b.view(shape).to(dtype))
                 else:
                     axis = stage.clip_axis
-                    rows_lo, rows_hi = (lo_b[:, lo:hi], hi_b[:, lo:hi]) if axis == 0 and 0 not in stage.ops else (lo_b, hi_b)
-                    shape = [c, 1, 1, 1]
-                    shape[axis + 1] = int(rows_lo.shape[1])
-                    x = torch.maximum(torch.minimum(x, rows_hi.reshape(shape).to(dtype)), rows_lo.reshape(shape).to(dtype))
+                    rows_lo, rows_hi = (
+                        (lo_b[:, lo:hi], hi_b[:, lo:hi]) if axis == 0 and 0 not in stage.ops else (lo_b, hi_b)
+                    )
+                    dims = [c, 1, 1, 1]
+                    dims[axis + 1] = int(rows_lo.shape[1])
+                    x = torch.maximum(
+                        torch.minimum(x, rows_hi.reshape(dims).to(dtype)), rows_lo.reshape(dims).to(dtype)
+                    )
         yield o0, o1, x
 
 

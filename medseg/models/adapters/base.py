@@ -150,7 +150,9 @@ class ModelAdapter(ABC):
         """Whether ``path`` looks like this kind of model (cheap: file names only)."""
 
     @classmethod
-    def open(cls, path: Path, *, folds: tuple[str, ...] | None = None, checkpoint: Checkpoint = "final") -> ModelAdapter:
+    def open(
+        cls, path: Path, *, folds: tuple[str, ...] | None = None, checkpoint: Checkpoint = "final"
+    ) -> ModelAdapter:
         """Open ``path``; formats without folds/checkpoints refuse those options."""
         if folds is not None or checkpoint != "final":
             raise ModelError(f"{path}: --folds and --checkpoint apply to nnU-Net model folders only")

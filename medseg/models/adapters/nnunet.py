@@ -162,7 +162,7 @@ def _resolve_configuration(plans: dict[str, Any], name: str, path: Path) -> dict
                 f"{path}: configuration {current!r} not found (have {', '.join(map(str, configurations))})"
             )
         if current in chain:
-            raise ModelError(f"{path}: circular 'inherits_from' in configurations {chain + [current]}")
+            raise ModelError(f"{path}: circular 'inherits_from' in configurations {[*chain, current]}")
         chain.append(current)
         parent = configurations[current].get("inherits_from")
         if parent is None:
@@ -336,7 +336,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: refused: the checkpoint contains objects that would run code when loaded ({first[:200]})"
         ) from None
     except (OSError, EOFError, RuntimeError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
+        raise ModelError(
+            f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0] if str(exc) else exc})"
+        ) from exc
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
         raise ModelError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
     return checkpoint
@@ -463,7 +465,8 @@ class NnUNetFolder(ModelAdapter):
         if self._meta is None:
             path = self._checkpoint_path(self.folds[0])
             ck = load_checkpoint(path)
-            init = ck.get("init_args") if isinstance(ck.get("init_args"), dict) else {}
+            init_args = ck.get("init_args")
+            init: dict[str, Any] = init_args if isinstance(init_args, dict) else {}
             axes = ck.get("inference_allowed_mirroring_axes")
             self._meta = {
                 "trainer": ck.get("trainer_name"),
@@ -519,10 +522,16 @@ class NnUNetFolder(ModelAdapter):
             "foreground_intensity_properties_by_modality", {}
         )
         norms = []
-        for i, (scheme, use_mask) in enumerate(zip(config["normalization_schemes"], config["use_mask_for_norm"], strict=True)):
+        for i, (scheme, use_mask) in enumerate(
+            zip(config["normalization_schemes"], config["use_mask_for_norm"], strict=True)
+        ):
             p = props.get(str(i), {}) if isinstance(props, dict) else {}
-            if scheme == "CTNormalization" and not all(k in p for k in ("mean", "std", "percentile_00_5", "percentile_99_5")):
-                raise ModelError(f"{self.path / 'plans.json'}: CTNormalization of channel {i} needs intensity properties")
+            if scheme == "CTNormalization" and not all(
+                k in p for k in ("mean", "std", "percentile_00_5", "percentile_99_5")
+            ):
+                raise ModelError(
+                    f"{self.path / 'plans.json'}: CTNormalization of channel {i} needs intensity properties"
+                )
             norms.append(
                 NnUNetChannelNorm(
                     scheme=str(scheme),
