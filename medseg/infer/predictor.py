@@ -279,6 +279,14 @@ class Predictor:
 
     def _check_channels(self, items: Sequence[Volume]) -> None:
         expected = self.adapter.num_channels
+        for source in items:
+            volumes = int(source.meta.get("num_volumes", 1) or 1)
+            if volumes > 1:  # a 4D DICOM series is never mapped onto model channels implicitly
+                raise ModelError(
+                    f"{source.source}: series {source.meta.get('series_key') or ''} has {volumes} volumes (time "
+                    "points, diffusion directions or echoes); models take one 3D volume per channel: choose one with "
+                    "'<UID>#vol=<n>' (medseg info lists the volumes)"
+                )
         got = sum(v.channels for v in items)
         if got != expected:
             raise ModelError(
