@@ -48,7 +48,6 @@ def _env(workdir: Path) -> dict[str, str]:
         "nnUNet_raw": str(workdir / "raw"),
         "nnUNet_preprocessed": str(workdir / "preprocessed"),
         "nnUNet_results": str(workdir / "results"),
-        "nnUNet_n_proc_DA": "0",
         "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
 
@@ -77,6 +76,7 @@ def train(workdir: Path, folds: list[int]) -> None:
     extract_fingerprint_dataset(900, num_processes=2, check_dataset_integrity=False, clean=True, verbose=False)
     plan_experiment_dataset(900)
     preprocess_dataset(900, configurations=(CONFIG,), num_processes=(2,), verbose=False)
+    os.environ["nnUNet_n_proc_DA"] = "0"  # data augmentation in the training process (no workers)
     plans = json.loads((workdir / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((raw / DATASET / "dataset.json").read_text())
     for fold in folds:
