@@ -76,7 +76,7 @@ def train(workdir: Path, folds: list[int]) -> None:
     extract_fingerprint_dataset(900, num_processes=2, check_dataset_integrity=False, clean=True, verbose=False)
     plan_experiment_dataset(900)
     preprocess_dataset(900, configurations=(CONFIG,), num_processes=(2,), verbose=False)
-    os.environ["nnUNet_n_proc_DA"] = "0"  # data augmentation in the training process (no workers)
+    os.environ["nnUNet_n_proc_DA"] = "0"  # noqa: SIM112 - nnU-Net's name; augmentation in this process
     plans = json.loads((workdir / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((raw / DATASET / "dataset.json").read_text())
     for fold in folds:
