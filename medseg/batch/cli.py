@@ -66,6 +66,28 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="SQLite journal: WAL (default, one host) or DELETE (ranks on several hosts sharing a filesystem)",
     )
+    ray = p.add_argument_group("Ray cluster (--engine ray; pip install 'medseg[ray]')")
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: read/predict/write on a Ray cluster, this process keeps the"
+        " manifest (see docs/batch.md)",
+    )
+    ray.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, a cluster started here with `ray start`,"
+        " else a new local instance)",
+    )
+    ray.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per predictor actor (default: 1 if the cluster has GPUs, else 0); --workers sets the number of"
+        " actors (default: one per GPU, or one per node without GPUs)",
+    )
+    ray.add_argument("--cpus-per-reader", type=float, default=1.0, help="CPUs per read/write task (default 1)")
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--discover-only", action="store_true", help="fill the manifest and stop")
     stage.add_argument("--no-discovery", action="store_true", help="process what the manifest holds (no re-scan)")
@@ -125,6 +147,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         process=not args.discover_only,
         journal_mode=args.journal_mode,
         device=args.device,
+        engine=args.engine,
+        address=args.address,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_reader=args.cpus_per_reader,
     )
     summary = run_batch(args.input_root, args.model, args.out, options)
     print_summary(summary, as_json=args.json)

@@ -102,6 +102,12 @@ class BatchOptions:
         world_size: Number of ranks (default: ``WORLD_SIZE`` env, else 1).
         journal_mode: SQLite journal (default ``WAL``; ``DELETE`` for several hosts).
         device: Inference device (default: the model config's; ``cuda:LOCAL_RANK`` under torchrun).
+        engine: Where series are processed: ``local`` (this process) or ``ray`` (a Ray cluster,
+            :mod:`medseg.batch.ray_engine`; ``workers`` is then the number of predictor actors).
+        address: Ray cluster address (``None``: ``RAY_ADDRESS``, a cluster started on this machine
+            with ``ray start``, else a new local Ray instance).
+        gpus_per_worker: GPUs per Ray predictor actor (default: 1 when the cluster has GPUs, else 0).
+        cpus_per_reader: CPUs per Ray read/write task.
     """
 
     outputs: tuple[str, ...] = ("nifti", "json")
@@ -119,6 +125,10 @@ class BatchOptions:
     world_size: int | None = None
     journal_mode: str | None = None
     device: str | None = None
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_reader: float = 1.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings."""
@@ -131,6 +141,12 @@ class BatchOptions:
             raise ConfigError(f"--seg-type must be binary or labelmap, got {self.seg_type!r}")
         if self.max_attempts < 1:
             raise ConfigError("--max-attempts must be >= 1")
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"--engine must be local or ray, got {self.engine!r}")
+        if (self.gpus_per_worker is not None and self.gpus_per_worker < 0) or self.cpus_per_reader <= 0:
+            raise ConfigError("--gpus-per-worker must be >= 0 and --cpus-per-reader > 0")
+        if self.engine == "local" and (self.address or self.gpus_per_worker is not None):
+            raise ConfigError("--address and --gpus-per-worker need --engine ray")
 
 
 # ------------------------------------------------------------------ environment
@@ -169,13 +185,20 @@ def model_fingerprint(model_dir: PathLike) -> str:
 _CRASH_COUNTS: dict[str, int] = {}
 
 
-def _crash_point(name: str) -> None:
+def _crash_point(name: str, key: str = "") -> None:
     """Fault injection for the crash-safety tests.
 
     ``MEDSEG_BATCH_CRASH_AT=<point>[:<n>]`` SIGKILLs this process the n-th time (default: the
     first) it reaches ``point`` (``claimed``, ``loaded``, ``predicted``, ``outputs_written``,
-    ``renamed``, ``committed``).
+    ``renamed``, ``committed``).  ``MEDSEG_BATCH_RAISE_AT=<point>:<text>`` raises an exception at
+    ``point`` (``loaded``, ``predicted``, ``outputs_written``) for every series whose key contains
+    ``text`` (a worker that fails on one series).
     """
+    raise_at = os.environ.get("MEDSEG_BATCH_RAISE_AT")
+    if raise_at:
+        point, _, text = raise_at.partition(":")
+        if point == name and text and text in key:
+            raise RuntimeError(f"injected fault at {name} (MEDSEG_BATCH_RAISE_AT)")
     spec = os.environ.get("MEDSEG_BATCH_CRASH_AT")
     if not spec:
         return
@@ -537,6 +560,173 @@ def _write_rtstruct(
     )
 
 
+# ------------------------------------------------------- per-series work (no manifest)
+# These functions are what every execution strategy runs for a series: in this process
+# (:class:`_Runner`) or on Ray workers (:mod:`medseg.batch.ray_engine`).  They never open the
+# manifest; the driver alone claims series, renames their outputs into place and records them.
+@dataclass(frozen=True)
+class SeriesWork:
+    """What a worker needs to know to process claimed series (small and picklable).
+
+    Attributes:
+        root: Input archive (the same path on every worker).
+        out: Output folder (the same path on every worker); outputs go to ``OUT/.tmp/<claim id>/``.
+        model_dir: Model directory.
+        model_id: :func:`model_fingerprint` of the model the driver saw.
+        outputs: Output kinds, in :data:`OUTPUTS` order.
+        seg_type: DICOM SEG encoding.
+    """
+
+    root: Path
+    out: Path
+    model_dir: Path
+    model_id: str
+    outputs: tuple[str, ...]
+    seg_type: Literal["binary", "labelmap"] = "binary"
+
+    def temp_dir(self, claim: Claim) -> Path:
+        """``OUT/.tmp/<claim id>``: where the outputs of a claim are written before the driver renames them."""
+        return _inside(self.out, Path(_TMP) / claim.claim_id)
+
+
+def read_series(work: SeriesWork, claim: Claim) -> tuple[Volume, list[Any]]:
+    """Load a claimed series and, when DICOM outputs need them, its source headers.
+
+    Returns:
+        The image volume ``(1, X, Y, Z)`` and the pydicom headers of its slices (empty without
+        SEG/RTSTRUCT outputs).
+
+    Raises:
+        MedsegError: The series cannot be loaded.
+    """
+    volume = load_claimed_series(work.root, claim)
+    sources = _source_headers(work.root, claim, volume) if {"seg", "rtstruct"} & set(work.outputs) else []
+    _crash_point("loaded", claim.key)
+    return volume, sources
+
+
+def predict_series(predictor: Any, claim: Claim, volume: Volume) -> tuple[Volume, dict[str, float]]:
+    """Segment a loaded series.
+
+    Returns:
+        The label volume ``(1, X, Y, Z)`` on the input grid and the timings (``infer_s`` plus the
+        predictor's own stage timings).
+    """
+    t0 = time.perf_counter()
+    label = predictor.predict([volume])
+    _crash_point("predicted", claim.key)
+    timings = {"infer_s": round(time.perf_counter() - t0, 4)}
+    timings.update({k: round(float(v), 4) for k, v in (getattr(predictor, "last_timings", {}) or {}).items()})
+    return label, timings
+
+
+def write_series(
+    work: SeriesWork,
+    claim: Claim,
+    volume: Volume,
+    sources: list[Any],
+    label: Volume,
+    names: dict[int, str],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Write every output of a series into :meth:`SeriesWork.temp_dir`, the completion marker last.
+
+    Args:
+        work: The run's settings.
+        claim: The claimed series.
+        volume: The image it was segmented from.
+        sources: Its source headers (for SEG/RTSTRUCT).
+        label: The label volume ``(1, X, Y, Z)`` on the image's grid.
+        names: Label value -> class name.
+        timings: Timings so far (``load_s``, ``infer_s``, ...); ``write_s`` is added.
+
+    Returns:
+        The marker (also written as ``.medseg-series.json``).
+
+    Raises:
+        MedsegError: An output cannot be written (the temp folder is removed).
+    """
+    tmp = work.temp_dir(claim)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        files = _write_outputs(work, tmp, claim, volume, sources, label, names)
+        timings = {**timings, "write_s": round(time.perf_counter() - t0, 4)}
+        marker = {
+            "key": claim.key,
+            "series_uid": claim.series_uid,
+            "study_uid": claim.study_uid,
+            "fingerprint": claim.fingerprint,
+            "model_id": work.model_id,
+            "outputs": list(work.outputs),
+            "files": files,
+            "timings": timings,
+            "claim_id": claim.claim_id,
+            "completed_at": time.time(),
+        }
+        write_json_atomic(tmp / MARKER, marker)
+        _crash_point("outputs_written", claim.key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return marker
+
+
+def _write_outputs(
+    work: SeriesWork,
+    tmp: Path,
+    claim: Claim,
+    volume: Volume,
+    sources: list[Any],
+    label: Volume,
+    names: dict[int, str],
+) -> list[str]:
+    files: list[str] = []
+    label.meta.setdefault("series_uid", claim.series_uid)
+    if "nifti" in work.outputs:
+        write_volume(label, tmp / "segmentation.nii.gz", label_names=names)
+        files += ["segmentation.nii.gz", "segmentation.json"]
+    if "seg" in work.outputs:
+        from medseg.io.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(
+            label,
+            sources,
+            tmp / "seg.dcm",
+            label_names=names,
+            segmentation_type=work.seg_type,
+            series_description=f"medseg SEG {claim.description}".strip()[:64],
+        )
+        files.append("seg.dcm")
+    if "rtstruct" in work.outputs:
+        _write_rtstruct(
+            label, volume, sources, tmp / "rtstruct.dcm", names, f"medseg RTSTRUCT {claim.description}".strip()[:64]
+        )
+        files.append("rtstruct.dcm")
+    if "json" in work.outputs:
+        report = {
+            "key": claim.key,
+            "series_uid": claim.series_uid,
+            "study_uid": claim.study_uid,
+            "modality": claim.modality,
+            "series_description": claim.description,
+            "model": str(work.model_dir),
+            "model_id": work.model_id,
+            "geometry": label.geometry.to_dict(),
+            "voxel_volume_ml": abs(float(np.linalg.det(label.geometry.affine[:3, :3]))) / 1000.0,
+            "classes": _volumes_ml(label, names),
+        }
+        write_json_atomic(tmp / "volumes.json", report)
+        files.append("volumes.json")
+    return files
+
+
+def label_names_of(predictor: Any) -> dict[int, str]:
+    """Label value -> class name of a predictor."""
+    return {int(k): str(v) for k, v in predictor.label_names.items()}
+
+
 @dataclass
 class _Item:
     claim: Claim
@@ -556,6 +746,7 @@ class _Runner:
         self.manifest, self.rank, self.world = manifest, rank, world
         self.model_id = model_fingerprint(model)
         self.outputs = tuple(o for o in OUTPUTS if o in options.outputs)
+        self.work = SeriesWork(root, out, model, self.model_id, self.outputs, options.seg_type)
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
         self._stop = threading.Event()
@@ -563,6 +754,7 @@ class _Runner:
         self.workers = options.workers if options.workers is not None else 0
         self.stats = {"processed": 0, "done": 0, "failed": 0, "adopted": 0}
         self.bar: Any = None
+        self.engine_info: dict[str, Any] = {"engine": options.engine}
 
     # ---------------------------------------------------------------- claims
     def _claim(self) -> Claim | None:
@@ -610,31 +802,41 @@ class _Runner:
         )
         return data if same else None
 
-    def load(self, claim: Claim) -> _Item:
-        t0 = time.perf_counter()
+    def prepare(self, claim: Claim) -> _Item:
+        """Driver-side checks of a claimed series before any pixel is read.
+
+        Reads the identifying terms for redaction, finds outputs completed by an interrupted run
+        (``item.adopt``) and refuses DICOM outputs for series without UIDs (``item.error``).
+        """
         item = _Item(claim)
         try:
-            self.manifest.set_stage(claim, "loading")
             first = self.root / claim.files[0] if claim.files else self.root
             item.terms = _phi_terms(first) if claim.files else []
-            adopted = self._adoptable(claim)
-            if adopted is not None:
-                item.adopt = adopted
-                return item
-            if {"seg", "rtstruct"} & set(self.outputs) and not (claim.series_uid and claim.study_uid):
+            item.adopt = self._adoptable(claim)
+            dicom_out = {"seg", "rtstruct"} & set(self.outputs)
+            if item.adopt is None and dicom_out and not (claim.series_uid and claim.study_uid):
                 raise InputError(
                     first,
                     "empty SeriesInstanceUID/StudyInstanceUID (anonymised by blanking UIDs?): DICOM SEG/RTSTRUCT"
                     " outputs must reference the source by UID; run with --outputs nifti,json for this series",
                 )
-            item.volume = load_claimed_series(self.root, claim)
-            if {"seg", "rtstruct"} & set(self.outputs):
-                item.sources = _source_headers(self.root, claim, item.volume)
-            _crash_point("loaded")
         except MedsegError as exc:
             item.error = str(exc)
         except Exception as exc:  # a bad case must not stop the batch
             item.error = f"unexpected {type(exc).__name__} while loading: {exc}"
+        return item
+
+    def load(self, claim: Claim) -> _Item:
+        t0 = time.perf_counter()
+        self.manifest.set_stage(claim, "loading")
+        item = self.prepare(claim)
+        if item.error is None and item.adopt is None:
+            try:
+                item.volume, item.sources = read_series(self.work, claim)
+            except MedsegError as exc:
+                item.error = str(exc)
+            except Exception as exc:  # a bad case must not stop the batch
+                item.error = f"unexpected {type(exc).__name__} while loading: {exc}"
         item.load_s = time.perf_counter() - t0
         return item
 
@@ -646,17 +848,7 @@ class _Runner:
                 self._fail(item, item.error)
                 return
             if item.adopt is not None:
-                final = self.final_dir(claim)
-                ok = self.manifest.complete(
-                    claim,
-                    out_dir=str(final.relative_to(self.out.resolve())),
-                    outputs=item.adopt.get("outputs", self.outputs),
-                    model_id=self.model_id,
-                    timings=item.adopt.get("timings"),
-                    detail="adopted outputs completed by an interrupted run",
-                )
-                self.stats["adopted"] += ok
-                self.stats["done"] += ok
+                self.adopt(item)
                 return
             try:
                 timings = self._predict_and_write(item)
@@ -678,6 +870,21 @@ class _Runner:
                 self.bar.update(1)
                 self.bar.set_postfix(done=self.stats["done"], failed=self.stats["failed"], refresh=False)
 
+    def adopt(self, item: _Item) -> None:
+        """Record a series whose outputs an interrupted run completed (``item.adopt``) as done."""
+        assert item.adopt is not None
+        final = self.final_dir(item.claim)
+        ok = self.manifest.complete(
+            item.claim,
+            out_dir=str(final.relative_to(self.out.resolve())),
+            outputs=item.adopt.get("outputs", self.outputs),
+            model_id=self.model_id,
+            timings=item.adopt.get("timings"),
+            detail="adopted outputs completed by an interrupted run",
+        )
+        self.stats["adopted"] += ok
+        self.stats["done"] += ok
+
     def _fail(self, item: _Item, error: str, *, timings: dict[str, float] | None = None) -> None:
         message = redact(error, item.terms, root=self.root)
         if self.manifest.fail(item.claim, message, timings=timings):
@@ -685,49 +892,52 @@ class _Runner:
             if self.bar is not None:
                 self.bar.write(f"failed: {item.claim.key}: {message}")
 
-    def _predict_and_write(self, item: _Item) -> dict[str, float]:
-        claim, volume = item.claim, item.volume
-        assert volume is not None
-        self.manifest.set_stage(claim, "infer")
-        t0 = time.perf_counter()
-        label = self.predictor.predict([volume])
-        _crash_point("predicted")
-        t1 = time.perf_counter()
-        self.manifest.set_stage(claim, "writing")
-        names = {int(k): str(v) for k, v in self.predictor.label_names.items()}
-        tmp = _inside(self.out, Path(_TMP) / claim.claim_id)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def finish(
+        self,
+        item: _Item,
+        *,
+        marker: dict[str, Any] | None = None,
+        error: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        """Record the outcome of a series processed elsewhere: adopted, failed, or committed from ``marker``."""
+        self.stats["processed"] += 1
         try:
-            files = self._write_outputs(tmp, item, label, names)
-            t2 = time.perf_counter()
-            timings = {
-                "load_s": round(item.load_s, 4),
-                "infer_s": round(t1 - t0, 4),
-                "write_s": round(t2 - t1, 4),
-                **{k: round(float(v), 4) for k, v in (getattr(self.predictor, "last_timings", {}) or {}).items()},
-            }
-            final = self.final_dir(claim)
-            marker = {
-                "key": claim.key,
-                "series_uid": claim.series_uid,
-                "study_uid": claim.study_uid,
-                "fingerprint": claim.fingerprint,
-                "model_id": self.model_id,
-                "outputs": list(self.outputs),
-                "files": files,
-                "timings": timings,
-                "claim_id": claim.claim_id,
-                "completed_at": time.time(),
-            }
-            write_json_atomic(tmp / MARKER, marker)
-            _crash_point("outputs_written")
+            if item.adopt is not None:
+                self.adopt(item)
+            elif error is not None or item.error is not None:
+                self._fail(item, error if error is not None else str(item.error), timings=timings)
+                shutil.rmtree(self.work.temp_dir(item.claim), ignore_errors=True)
+            else:
+                assert marker is not None
+                try:
+                    self.commit(item, marker)
+                except MedsegError as exc:
+                    self._fail(item, str(exc), timings=marker.get("timings"))
+                else:
+                    self.stats["done"] += 1
+        finally:
+            self._drop(item.claim)
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(done=self.stats["done"], failed=self.stats["failed"], refresh=False)
+
+    def commit(self, item: _Item, marker: dict[str, Any]) -> None:
+        """Rename the finished temp folder of a claim into place and mark the series done (one transaction).
+
+        Raises:
+            MedsegError: The claim was lost (lease expired and reclaimed); the outputs are discarded.
+        """
+        claim = item.claim
+        tmp = self.work.temp_dir(claim)
+        final = self.final_dir(claim)
+        try:
             ok = self.manifest.complete(
                 claim,
                 out_dir=str(final.relative_to(self.out.resolve())),
                 outputs=self.outputs,
                 model_id=self.model_id,
-                timings=timings,
+                timings=marker.get("timings"),
                 commit=lambda: self._commit_dir(tmp, final, claim),
             )
             if not ok:
@@ -735,52 +945,25 @@ class _Runner:
                     f"series {claim.key}: claim lost to another process (lease expired); outputs discarded"
                 )
             _crash_point("committed")
-            return timings
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _write_outputs(self, tmp: Path, item: _Item, label: Volume, names: dict[int, str]) -> list[str]:
+    def _predict_and_write(self, item: _Item) -> dict[str, float]:
         claim, volume = item.claim, item.volume
         assert volume is not None
-        files: list[str] = []
-        label.meta.setdefault("series_uid", claim.series_uid)
-        if "nifti" in self.outputs:
-            write_volume(label, tmp / "segmentation.nii.gz", label_names=names)
-            files += ["segmentation.nii.gz", "segmentation.json"]
-        sources = item.sources
-        if "seg" in self.outputs:
-            from medseg.io.dicom_seg import write_dicom_seg
-
-            write_dicom_seg(
-                label,
-                sources,
-                tmp / "seg.dcm",
-                label_names=names,
-                segmentation_type=self.options.seg_type,
-                series_description=f"medseg SEG {claim.description}".strip()[:64],
+        self.manifest.set_stage(claim, "infer")
+        label, timings = predict_series(self.predictor, claim, volume)
+        self.manifest.set_stage(claim, "writing")
+        timings = {"load_s": round(item.load_s, 4), **timings}
+        try:
+            marker = write_series(
+                self.work, claim, volume, item.sources, label, label_names_of(self.predictor), timings
             )
-            files.append("seg.dcm")
-        if "rtstruct" in self.outputs:
-            _write_rtstruct(
-                label, volume, sources, tmp / "rtstruct.dcm", names, f"medseg RTSTRUCT {claim.description}".strip()[:64]
-            )
-            files.append("rtstruct.dcm")
-        if "json" in self.outputs:
-            report = {
-                "key": claim.key,
-                "series_uid": claim.series_uid,
-                "study_uid": claim.study_uid,
-                "modality": claim.modality,
-                "series_description": claim.description,
-                "model": str(self.model_dir),
-                "model_id": self.model_id,
-                "geometry": label.geometry.to_dict(),
-                "voxel_volume_ml": abs(float(np.linalg.det(label.geometry.affine[:3, :3]))) / 1000.0,
-                "classes": _volumes_ml(label, names),
-            }
-            write_json_atomic(tmp / "volumes.json", report)
-            files.append("volumes.json")
-        return files
+        except BaseException:
+            shutil.rmtree(self.work.temp_dir(claim), ignore_errors=True)
+            raise
+        self.commit(item, marker)
+        return dict(marker["timings"])
 
     def _commit_dir(self, tmp: Path, final: Path, claim: Claim) -> None:
         """Rename the finished temp folder into place (replacing an older result); called under the DB lock."""
@@ -830,7 +1013,11 @@ class _Runner:
         heartbeat = threading.Thread(target=self._heartbeat, name="medseg-batch-heartbeat", daemon=True)
         heartbeat.start()
         try:
-            if self.workers == 0:
+            if self.options.engine == "ray":
+                from medseg.batch.ray_engine import run_on_ray
+
+                self.engine_info = run_on_ray(self)
+            elif self.workers == 0:
                 while (claim := self._claim()) is not None:
                     self.process(self.load(claim))
             else:
@@ -925,6 +1112,10 @@ def run_batch(
     """
     options = options or BatchOptions()
     options.validate()
+    if options.engine == "ray":
+        from medseg.batch.ray_engine import import_ray
+
+        import_ray()  # a clear error naming the extra before any work
     wall0 = time.perf_counter()
     root = Path(input_root).resolve()
     out = Path(out_dir).resolve()
@@ -969,7 +1160,7 @@ def run_batch(
         t_process = time.perf_counter()
         if options.process:
             total = manifest.count("pending", rank=rank, world_size=world)
-            if total:
+            if total and options.engine == "local":
                 runner.predictor = _make_predictor(Path(model), device)
                 if options.workers is None:
                     runner.workers = 2 if getattr(runner.predictor.device, "type", "cpu") == "cuda" else 0
@@ -988,6 +1179,7 @@ def run_batch(
             "workers": runner.workers,
             "prefetch": options.prefetch,
             "journal_mode": manifest.journal_mode,
+            **runner.engine_info,
             "reclaimed": len(reclaimed),
             "outputs_missing": len(lost),
             **{k: v for k, v in discovery.items()},
