@@ -103,13 +103,9 @@ class PredictorWorker:
 
     def __init__(self, work: SeriesWork, device: str | None) -> None:
         import ray
-        import torch
 
-        gpus = ray.get_gpu_ids()
         if device is None:
-            device = "cuda" if gpus else "cpu"
-        if not gpus:  # CPU inference: as many threads as the node offers Ray
-            torch.set_num_threads(max(1, _node_cpus(ray)))
+            device = "cuda" if ray.get_gpu_ids() else "cpu"
         found = model_fingerprint(work.model_dir)
         if found != work.model_id:
             raise ModelError(
@@ -123,8 +119,11 @@ class PredictorWorker:
         if volume is None:
             return {"error": info.get("error", "not loaded")}
         try:
-            if not volume.array.flags.writeable:  # zero-copy from the object store: read-only
-                volume.array = volume.array.copy()
+            if not volume.array.flags.writeable:
+                # Zero-copy from the object store is read-only; the predictor normalises a writable
+                # array in place (and a read-only one through another, not bit-identical, path):
+                # one copy in the input's memory order keeps the outputs equal to a local run.
+                volume.array = volume.array.copy(order="K")
             label, timings = predict_series(self.predictor, claim, volume)
         except Exception as exc:
             return _error("predicting", exc)
@@ -135,14 +134,6 @@ class PredictorWorker:
         import ray
 
         return f"{ray.get_runtime_context().get_node_id()[:8]}:{self.predictor.device}"
-
-
-def _node_cpus(ray: Any) -> int:
-    node = ray.get_runtime_context().get_node_id()
-    for entry in ray.nodes():
-        if entry.get("NodeID") == node:
-            return int(entry.get("Resources", {}).get("CPU", 1))
-    return int(os.cpu_count() or 1)
 
 
 def write_stage(
@@ -174,6 +165,20 @@ def _cluster_resources(ray: Any) -> tuple[int, float]:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     gpus = sum(float(n.get("Resources", {}).get("GPU", 0)) for n in nodes)
     return len(nodes), gpus
+
+
+def _placement(ray: Any, index: int, gpus: float) -> dict[str, Any]:
+    """Where predictor ``index`` goes: GPU actors where Ray finds the GPUs; CPU actors one per node.
+
+    A CPU actor reserves no CPU, so Ray alone would pack them on one node: actor ``i`` prefers the
+    ``i``-th alive node (soft affinity: restarted anywhere when that node dies).
+    """
+    if gpus:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)}
 
 
 def _init(ray: Any, address: str | None) -> bool:
@@ -219,14 +224,17 @@ def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
     cpus = options.cpus_per_reader
     read = ray.remote(read_stage).options(num_cpus=cpus, num_returns=2, max_retries=retries)
     write = ray.remote(write_stage).options(num_cpus=cpus, max_retries=retries)
-    actor_cls = ray.remote(PredictorWorker).options(
-        num_cpus=0,  # on CPU the actor shares its node's cores with the read/write tasks
-        num_gpus=gpus,
-        max_restarts=-1,
-        max_task_retries=retries,
-        scheduling_strategy="SPREAD",
-    )
-    actors = [actor_cls.remote(work, options.device) for _ in range(workers)]
+    actor_cls = ray.remote(PredictorWorker)
+    actor_options = {
+        "num_cpus": 0,  # on CPU the actor shares its node's cores with the read/write tasks
+        "num_gpus": gpus,
+        "max_restarts": -1,
+        "max_task_retries": retries,
+    }
+    actors = [
+        actor_cls.options(**actor_options, **_placement(ray, i, gpus)).remote(work, options.device)
+        for i in range(workers)
+    ]
     load = [0] * workers
     limit = workers * (options.prefetch + 1)
     inflight: dict[Any, _InFlight] = {}

@@ -1,0 +1,186 @@
+"""``medseg batch --engine ray`` on a real two-node Ray cluster (private network namespace, loopback only).
+
+The archive: 22 generated phantom CT series written as DICOM, real DICOM series from ../shared/data
+(a 512x512 CT with blanked UIDs, a 3-slice GE CT, a tilted MR), a non-image object and junk files.
+Every Ray run is compared with a single-process ``medseg batch`` of the same archive: same states,
+same reasons, label volumes bit-equal.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from ray_support import require_ray_cluster, run_cluster
+from test_batch import assert_exactly_once, assert_no_leftovers, write_series
+
+from medseg.batch.manifest import Manifest
+from medseg.batch.runner import BatchOptions, run_batch
+from medseg.errors import ConfigError
+
+PHANTOMS = 22
+OUTPUTS = "nifti,json"
+
+
+def _archive(root: Path, shared: Path | None) -> Path:
+    for case in range(PHANTOMS):
+        write_series(case, root / f"site{case % 3}" / f"c{case:03d}", slices=12 + case % 5)
+    if shared is not None:
+        for name, source in {
+            "real/ct-blank-uids": shared / "totalseg-tests" / "example_ct_dicom",
+            "real/ct-3slice": shared / "dcmqi-data" / "segmentations" / "ct-3slice",
+        }.items():
+            if source.is_dir():
+                shutil.copytree(source, root / name)
+        mr = sorted((shared / "pgbm-brain-tumor-progression" / "PGBM-001").glob("*/11-T1post-*"))
+        if mr:
+            shutil.copytree(mr[0], root / "real" / "mr-t1post")
+    (root / "notes.txt").write_text("exported by PACS\n")
+    (root / "junk").mkdir()
+    first = next((root / "site0" / "c000").iterdir())
+    (root / "junk" / "truncated.dcm").write_bytes(first.read_bytes()[:300])
+    return root
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import SHARED_DATA
+
+    return _archive(tmp_path_factory.mktemp("ray-archive") / "archive", SHARED_DATA if SHARED_DATA.is_dir() else None)
+
+
+@pytest.fixture(scope="module")
+def baseline(archive: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Single-process ``medseg batch`` of the archive."""
+    out = tmp_path_factory.mktemp("ray-baseline") / "out"
+    run_batch(archive, tiny_model, out, BatchOptions(outputs=tuple(OUTPUTS.split(",")), progress=False))
+    return out
+
+
+def _states(out: Path) -> dict[str, tuple[str, str | None, str | None]]:
+    with Manifest(out / "manifest.sqlite") as m:
+        return {row["key"]: (row["state"], row["out_dir"], row["error"]) for row in m.rows()}
+
+
+def _batch_argv(archive: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "medseg.batch", str(archive), "--model", str(model), "--out", str(out),
+            "--outputs", OUTPUTS, "--engine", "ray", "--quiet", "--json", *extra]  # fmt: skip
+
+
+def assert_same_outputs(ray_out: Path, local_out: Path, *, except_keys: set[str] = frozenset()) -> int:
+    """Same states and reasons as the single-process run; labels and volume reports bit-equal."""
+    ray_rows, local_rows = _states(ray_out), _states(local_out)
+    assert ray_rows.keys() == local_rows.keys()
+    compared = 0
+    for key, (state, out_dir, error) in local_rows.items():
+        if key in except_keys:
+            continue
+        assert ray_rows[key][0] == state, (key, ray_rows[key], state, error)
+        assert ray_rows[key][2] == error
+        if state != "done":
+            continue
+        assert ray_rows[key][1] == out_dir
+        a, b = (
+            nib.load(str(ray_out / out_dir / "segmentation.nii.gz")),
+            nib.load(str(local_out / out_dir / "segmentation.nii.gz")),
+        )
+        assert a.get_data_dtype() == b.get_data_dtype() and np.array_equal(a.affine, b.affine)
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)), key
+        report_a = json.loads((ray_out / out_dir / "volumes.json").read_text())
+        report_b = json.loads((local_out / out_dir / "volumes.json").read_text())
+        assert report_a == report_b
+        compared += 1
+    return compared
+
+
+def _summary(stdout: str) -> dict[str, Any]:
+    """The ``--json`` summary (failure lines may be printed before it)."""
+    return dict(json.loads(stdout[stdout.index("\n{") + 1 :] if not stdout.startswith("{") else stdout))
+
+
+def _key_of(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+
+
+# ----------------------------------------------------------------------------- without a cluster
+def test_engine_ray_without_ray_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    (tmp_path / "archive").mkdir()
+    with pytest.raises(ConfigError, match=r"pip install 'medseg\[ray\]'"):
+        run_batch(tmp_path / "archive", tmp_path, tmp_path / "out", BatchOptions(engine="ray"))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="need --engine ray"):
+        run_batch(tmp_path / "archive", tmp_path, tmp_path / "out", BatchOptions(address="127.0.0.1:6379"))
+
+
+# ----------------------------------------------------------------------------- on the cluster
+def test_ray_equals_single_process_and_a_raising_worker_fails_one_series(
+    archive: Path, baseline: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    require_ray_cluster()
+    out = tmp_path / "ray"
+    poisoned = _key_of(archive / "site1" / "c004")
+    env = {"MEDSEG_BATCH_RAISE_AT": f"predicted:{poisoned}"}
+    (step,) = run_cluster([{"argv": _batch_argv(archive, tiny_model, out), "env": env, "timeout": 600}], tmp_path)
+    assert step["returncode"] == 1, step["stderr"]  # exit 1: a series failed
+    summary = _summary(step["stdout"])
+    run = summary["run"]
+    assert run["engine"] == "ray" and run["ray_nodes"] == 2 and run["ray_workers"] == 2
+    assert len({where.split(":")[0] for where in run["ray_predictors"]}) == 2  # one predictor per node
+    rows = _states(out)
+    assert rows[poisoned][0] == "failed"
+    assert "injected fault at predicted (MEDSEG_BATCH_RAISE_AT)" in rows[poisoned][2]
+    compared = assert_same_outputs(out, baseline, except_keys={poisoned})
+    assert compared >= PHANTOMS - 1
+    local = _states(baseline)
+    assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()) - 1)
+    assert_no_leftovers(out)
+
+
+@pytest.mark.slow
+def test_ray_node_killed_mid_run_loses_nothing(archive: Path, baseline: Path, tiny_model: Path, tmp_path: Path) -> None:
+    require_ray_cluster()
+    out = tmp_path / "ray"
+    kill = {"target": "node2", "manifest": str(out / "manifest.sqlite"), "after_done": 4, "delay": 0.5}
+    (step,) = run_cluster([{"argv": _batch_argv(archive, tiny_model, out), "kill": kill, "timeout": 600}], tmp_path)
+    assert step["killed"], "the second node's raylet was not killed mid-run"
+    assert step["returncode"] in (0, 1), step["stderr"]
+    assert assert_same_outputs(out, baseline) >= PHANTOMS
+    local = _states(baseline)
+    assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()))
+    assert_no_leftovers(out)
+
+
+@pytest.mark.slow
+def test_ray_driver_killed_then_rerun_resumes(archive: Path, baseline: Path, tiny_model: Path, tmp_path: Path) -> None:
+    require_ray_cluster()
+    out = tmp_path / "ray"
+    argv = _batch_argv(archive, tiny_model, out)
+    kill = {"target": "driver", "manifest": str(out / "manifest.sqlite"), "after_done": 6, "delay": 0.3}
+    first, second = run_cluster(
+        [{"argv": argv, "kill": kill, "timeout": 600}, {"argv": argv, "timeout": 600}], tmp_path
+    )
+    assert first["killed"] and first["returncode"] < 0
+    assert second["returncode"] in (0, 1), second["stderr"]
+    resumed = _summary(second["stdout"])["run"]
+    assert resumed["reclaimed"] >= 1 and resumed["processed"] < len(_states(baseline))
+    assert assert_same_outputs(out, baseline) >= PHANTOMS
+    local = _states(baseline)
+    assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()))
+    assert_no_leftovers(out)
