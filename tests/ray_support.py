@@ -80,8 +80,10 @@ def require_ray_cluster() -> None:
         pytest.skip(reason)
 
 
-def run_cluster(steps: list[dict[str, Any]], workdir: Path, *, timeout: float = 900) -> list[dict[str, Any]]:
-    """Start the namespaced two-node cluster, run ``steps`` in it, stop it; the outcome of each step.
+def run_cluster(
+    steps: list[dict[str, Any]], workdir: Path, *, timeout: float = 900, nodes: int = 2, cpus: int = 1
+) -> list[dict[str, Any]]:
+    """Start the namespaced cluster (``nodes`` nodes of ``cpus`` CPUs), run ``steps``, stop it; each step's outcome.
 
     Each outcome has ``returncode``, ``stdout``, ``stderr``, ``killed`` (the kill happened) and
     ``seconds``.
@@ -89,7 +91,8 @@ def run_cluster(steps: list[dict[str, Any]], workdir: Path, *, timeout: float = 
     workdir.mkdir(parents=True, exist_ok=True)
     # Unix socket paths are limited to ~107 bytes: Ray's session folder goes under a short name.
     temp_dir = tempfile.mkdtemp(prefix="mray-", dir="/tmp")
-    spec = {"steps": steps, "temp_dir": temp_dir, "result": str(workdir / "cluster-result.json")}
+    spec = {"steps": steps, "temp_dir": temp_dir, "result": str(workdir / "cluster-result.json"), "nodes": nodes,
+            "cpus": cpus}  # fmt: skip
     spec_path = workdir / "cluster-spec.json"
     spec_path.write_text(json.dumps(spec))
     command = ["unshare", "--net", "--pid", "--fork", "--mount-proc", sys.executable, __file__, str(spec_path)]
@@ -135,15 +138,16 @@ def _ray(ray: str, *args: str, env: dict[str, str]) -> None:
     subprocess.run([ray, *args], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
 
 
-def _start_cluster(temp_dir: str, env: dict[str, str]) -> None:
+def _start_cluster(temp_dir: str, env: dict[str, str], *, nodes: int, cpus: int) -> None:
     ray = _ray_cli()
     assert ray is not None
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=300000000"]
+    common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0", "--object-store-memory=1000000000"]
     _ray(ray, "start", "--head", f"--port={HEAD_PORT}", "--include-dashboard=false", "--disable-usage-stats",
          f"--temp-dir={temp_dir}", *common, env=env)  # fmt: skip
-    _ray(ray, "start", f"--address=127.0.0.1:{HEAD_PORT}", f"--node-manager-port={NODE2_MANAGER_PORT}",
-         *common, env=env)  # fmt: skip
+    for index in range(1, nodes):
+        _ray(ray, "start", f"--address=127.0.0.1:{HEAD_PORT}", f"--node-manager-port={NODE2_MANAGER_PORT + index - 1}",
+             *common, env=env)  # fmt: skip
 
 
 def _run_step(step: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -202,7 +206,7 @@ def main(spec_path: str) -> int:
     outcomes = []
     t0 = time.monotonic()
     try:
-        _start_cluster(spec["temp_dir"], env)
+        _start_cluster(spec["temp_dir"], env, nodes=int(spec.get("nodes", 2)), cpus=int(spec.get("cpus", 1)))
         print(f"cluster started in {time.monotonic() - t0:.1f} s", flush=True)
         for step in spec["steps"]:
             outcomes.append(_run_step(step, env))

@@ -14,7 +14,7 @@ from typing import Any
 
 from medseg.errors import run_reporting_errors
 
-__all__ = ["add_batch_parser", "main", "parse_outputs", "print_summary"]
+__all__ = ["add_batch_parser", "add_engine_arguments", "engine_options", "main", "parse_outputs", "print_summary"]
 
 
 def parse_outputs(text: str) -> tuple[str, ...]:
@@ -28,44 +28,8 @@ def parse_outputs(text: str) -> tuple[str, ...]:
     return items
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input_root", metavar="INPUT_ROOT", help="archive folder, searched recursively for DICOM")
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--out", required=True, help="output folder (manifest, one folder per series, summary.json)")
-    p.add_argument(
-        "--rules", default=None, help="series-selection rules YAML (default: every image series except localizers)"
-    )
-    p.add_argument(
-        "--outputs",
-        type=parse_outputs,
-        default=("nifti", "json"),
-        help="comma-separated: nifti, seg (DICOM SEG), rtstruct, json (volumes per class); default nifti,json",
-    )
-    p.add_argument("--retry-failed", action="store_true", help="process series that failed before again")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="loader threads reading the next series during inference (0 = no prefetch); default: 2 with a GPU,"
-        " 0 on CPU (where they slow inference down; see docs/benchmarks.md)",
-    )
-    p.add_argument("--prefetch", type=int, default=2, help="loaded series queued for inference; default 2")
-    p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
-    p.add_argument(
-        "--max-attempts",
-        type=int,
-        default=3,
-        help="mark a series failed after its process died this many times on it (default 3)",
-    )
-    p.add_argument(
-        "--device", default=None, help="inference device (default: model config; cuda:LOCAL_RANK under torchrun)"
-    )
-    p.add_argument(
-        "--journal-mode",
-        choices=("WAL", "DELETE"),
-        default=None,
-        help="SQLite journal: WAL (default, one host) or DELETE (ranks on several hosts sharing a filesystem)",
-    )
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """``--engine`` and the Ray options (shared by ``medseg batch`` and ``medseg pacs run``)."""
     ray = p.add_argument_group("Ray cluster (--engine ray; pip install 'medseg[ray]')")
     ray.add_argument(
         "--engine",
@@ -88,6 +52,50 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         " actors (default: one per GPU, or one per node without GPUs)",
     )
     ray.add_argument("--cpus-per-reader", type=float, default=1.0, help="CPUs per read/write task (default 1)")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~medseg.batch.runner.BatchOptions` fields set by :func:`add_engine_arguments`."""
+    return {
+        "engine": args.engine,
+        "address": args.address,
+        "gpus_per_worker": args.gpus_per_worker,
+        "cpus_per_reader": args.cpus_per_reader,
+    }
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input_root", metavar="INPUT_ROOT", help="archive folder, searched recursively for DICOM")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--out", required=True, help="output folder (manifest, one folder per series, summary.json)")
+    p.add_argument(
+        "--rules", default=None, help="series-selection rules YAML (default: every image series except localizers)"
+    )
+    p.add_argument(
+        "--outputs",
+        type=parse_outputs,
+        default=("nifti", "json"),
+        help="comma-separated: nifti, seg (DICOM SEG), rtstruct, json (volumes per class); default nifti,json",
+    )
+    p.add_argument("--retry-failed", action="store_true", help="process series that failed before again")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="loader threads reading the next series during inference (0 = no prefetch); default: 2 with a GPU,"
+        " 0 on CPU (where they slow inference down; see docs/benchmarks.md); with --engine ray: predictor actors"
+        " (default: one per GPU, or one per node without GPUs)",
+    )
+    p.add_argument("--prefetch", type=int, default=2, help="loaded series queued for inference; default 2")
+    p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="mark a series failed after its process died this many times on it (default 3)",
+    )
+    p.add_argument("--device", default=None, help="inference device (default: model config)")
+    add_engine_arguments(p)
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--discover-only", action="store_true", help="fill the manifest and stop")
     stage.add_argument("--no-discovery", action="store_true", help="process what the manifest holds (no re-scan)")
@@ -145,12 +153,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         discover=not args.no_discovery,
         process=not args.discover_only,
-        journal_mode=args.journal_mode,
         device=args.device,
-        engine=args.engine,
-        address=args.address,
-        gpus_per_worker=args.gpus_per_worker,
-        cpus_per_reader=args.cpus_per_reader,
+        **engine_options(args),
     )
     summary = run_batch(args.input_root, args.model, args.out, options)
     print_summary(summary, as_json=args.json)
@@ -161,11 +165,11 @@ def add_batch_parser(subparsers: Any) -> None:
     """Register ``medseg batch`` on the ``medseg`` command's sub-parsers."""
     p = subparsers.add_parser(
         "batch",
-        help="segment every eligible series of a DICOM archive (resumable; DICOM SEG/RTSTRUCT out; torchrun)",
+        help="segment every eligible series of a DICOM archive (resumable; DICOM SEG/RTSTRUCT out; Ray cluster)",
         description=(
             "Discover DICOM series under INPUT_ROOT (headers only), select them with --rules, segment each with"
-            " --model and write the outputs under --out. Re-running resumes from OUT/manifest.sqlite; under"
-            " torchrun the ranks share the work. Exit code 1 if any series failed."
+            " --model and write the outputs under --out. Re-running resumes from OUT/manifest.sqlite; with"
+            " --engine ray the series are processed on a Ray cluster. Exit code 1 if any series failed."
         ),
     )
     _add_arguments(p)

@@ -1,6 +1,6 @@
 """Batch inference over a DICOM archive: discover, select, predict, write, record.
 
-One call of :func:`run_batch` (one ``medseg batch`` process, or one torchrun rank):
+One call of :func:`run_batch` (one ``medseg batch`` process, the *driver*):
 
 1. **Discovery** (headers only, :func:`medseg.io.dicom.scan_dicom`) groups the archive into
    series; every series gets a decision from the selection rules and is streamed into the
@@ -9,12 +9,16 @@ One call of :func:`run_batch` (one ``medseg batch`` process, or one torchrun ran
    files are recorded as ignored.
 2. **Recovery**: ``running`` rows left by dead processes go back to ``pending``; temporary
    output folders of dead claims are removed.
-3. **Processing**: loader threads claim series atomically and read/decode them into a bounded
-   queue (``workers`` threads, ``prefetch`` slots) while the main thread predicts and writes the
-   previous one, so at most ``workers + prefetch + 1`` volumes are in memory whatever the
-   archive size.  All outputs of a series are written into ``OUT/.tmp/<claim>/`` and renamed to
-   their final folder inside the manifest transaction that marks the series ``done``.  A series
-   that fails is recorded with its (redacted) reason and the run continues.
+3. **Processing**, by an execution strategy: in this process (``engine="local"``: loader threads
+   claim series atomically and read/decode them into a bounded queue - ``workers`` threads,
+   ``prefetch`` slots - while the main thread predicts and writes the previous one, so at most
+   ``workers + prefetch + 1`` volumes are in memory whatever the archive size), or on a Ray
+   cluster (``engine="ray"``, :mod:`medseg.batch.ray_engine`).  Both run the same per-series
+   functions (:func:`read_series`, :func:`predict_series`, :func:`write_series`), which never
+   touch the manifest; only the driver claims, renames and records.  All outputs of a series
+   are written into ``OUT/.tmp/<claim>/`` and renamed to their final folder inside the manifest
+   transaction that marks the series ``done``.  A series that fails is recorded with its
+   (redacted) reason and the run continues.
 4. **Summary**: counts per state, failures with reasons, as ``summary.json`` and returned.
 
 Output layout (names from DICOM attributes are sanitised; nothing can escape ``OUT``)::
@@ -28,9 +32,8 @@ Output layout (names from DICOM attributes are sanitised; nothing can escape ``O
         volumes.json                   volume per class in mL (``json``)
         .medseg-series.json            completion marker (key, input fingerprint, model)
 
-Scale-out: under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank discovers the archive,
-keeps the series whose stable key hash falls in its shard (``hash % WORLD_SIZE == RANK``) and
-claims them in the shared manifest; see :mod:`medseg.batch.manifest` for the filesystem limits.
+Scale-out past one machine: ``engine="ray"`` (docs/batch.md).  The manifest stays on the
+driver's local disk; several processes on one host may still share it (claims are atomic).
 
 Patient names and IDs are never printed or stored in messages: errors are redacted with the
 identifying values of the series' own header before they reach the log or the manifest.
@@ -57,7 +60,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medseg.batch.manifest import Claim, Manifest, SeriesRecord, fingerprint_files, key_hash
+from medseg.batch.manifest import Claim, Manifest, SeriesRecord, fingerprint_files
 from medseg.batch.selection import IDENTIFYING, SelectionRules, SeriesInfo, load_rules, plane_of
 from medseg.errors import ConfigError, InputError, MedsegError
 from medseg.io.images import write_json_atomic, write_volume
@@ -68,7 +71,6 @@ __all__ = [
     "OUTPUTS",
     "BatchOptions",
     "discover_records",
-    "distributed_env",
     "model_fingerprint",
     "run_batch",
     "series_dir_name",
@@ -98,10 +100,8 @@ class BatchOptions:
         progress: Show a progress bar.
         discover: Run discovery (off: work from the manifest as it is).
         process: Process series (off: discovery only).
-        rank: This rank (default: ``RANK`` env, else 0).
-        world_size: Number of ranks (default: ``WORLD_SIZE`` env, else 1).
-        journal_mode: SQLite journal (default ``WAL``; ``DELETE`` for several hosts).
-        device: Inference device (default: the model config's; ``cuda:LOCAL_RANK`` under torchrun).
+        device: Inference device (default: the model config's; with Ray: ``cuda`` on actors given a
+            GPU, else ``cpu``).
         engine: Where series are processed: ``local`` (this process) or ``ray`` (a Ray cluster,
             :mod:`medseg.batch.ray_engine`; ``workers`` is then the number of predictor actors).
         address: Ray cluster address (``None``: ``RAY_ADDRESS``, a cluster started on this machine
@@ -121,9 +121,6 @@ class BatchOptions:
     progress: bool = True
     discover: bool = True
     process: bool = True
-    rank: int | None = None
-    world_size: int | None = None
-    journal_mode: str | None = None
     device: str | None = None
     engine: Literal["local", "ray"] = "local"
     address: str | None = None
@@ -149,25 +146,7 @@ class BatchOptions:
             raise ConfigError("--address and --gpus-per-worker need --engine ray")
 
 
-# ------------------------------------------------------------------ environment
-def distributed_env(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, int, int]:
-    """``(rank, world_size, local_rank, local_world_size)`` from arguments or torchrun's environment.
-
-    Raises:
-        ConfigError: Inconsistent values.
-    """
-    try:
-        world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
-        r = int(rank if rank is not None else os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", str(r if world > 1 else 0)))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    except ValueError as exc:
-        raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from exc
-    if world < 1 or not 0 <= r < world:
-        raise ConfigError(f"invalid rank {r} for world size {world}")
-    return r, world, local_rank, max(1, local_world)
-
-
+# ------------------------------------------------------------------ model
 def model_fingerprint(model_dir: PathLike) -> str:
     """Identity of a model directory: SHA-256 of its weights and plan (16 hex digits)."""
     digest = hashlib.sha256()
@@ -316,9 +295,9 @@ def _int(value: Any) -> int | None:
 
 
 def discover_records(
-    root: Path, rules: SelectionRules, *, rank: int = 0, world_size: int = 1
+    root: Path, rules: SelectionRules
 ) -> tuple[Iterator[SeriesRecord], list[tuple[str, str]], dict[str, Any]]:
-    """Discover the archive and describe this rank's series for the manifest.
+    """Discover the archive and describe its series for the manifest.
 
     Returns:
         A lazy iterator of :class:`SeriesRecord` (fingerprints computed as it is consumed), the
@@ -350,8 +329,6 @@ def discover_records(
     def records() -> Iterator[SeriesRecord]:
         for series, info in zip(scan.series, infos, strict=True):
             key = info.key
-            if world_size > 1 and key_hash(key) % world_size != rank:
-                continue
             decision = decisions[key]
             note = "; ".join(notes.get(series.uid, []))
             try:
@@ -374,8 +351,6 @@ def discover_records(
                 notes=note,
             )
         for uid, group in sorted(non_image.items()):
-            if world_size > 1 and key_hash(uid) % world_size != rank:
-                continue
             try:
                 files, fingerprint = fingerprint_files(root, group["files"])
             except OSError:
@@ -739,11 +714,9 @@ class _Item:
 
 
 class _Runner:
-    def __init__(
-        self, root: Path, out: Path, model: Path, options: BatchOptions, manifest: Manifest, rank: int, world: int
-    ):
+    def __init__(self, root: Path, out: Path, model: Path, options: BatchOptions, manifest: Manifest):
         self.root, self.out, self.model_dir, self.options = root, out, model, options
-        self.manifest, self.rank, self.world = manifest, rank, world
+        self.manifest = manifest
         self.model_id = model_fingerprint(model)
         self.outputs = tuple(o for o in OUTPUTS if o in options.outputs)
         self.work = SeriesWork(root, out, model, self.model_id, self.outputs, options.seg_type)
@@ -760,7 +733,7 @@ class _Runner:
     def _claim(self) -> Claim | None:
         if self._stop.is_set():
             return None
-        claim = self.manifest.claim(rank=self.rank, world_size=self.world, lease_s=self.options.lease_s)
+        claim = self.manifest.claim(lease_s=self.options.lease_s)
         if claim is not None:
             with self._held_lock:
                 self._held.add(claim.claim_id)
@@ -982,7 +955,7 @@ class _Runner:
         """Send ``done`` series whose output folder has gone missing back to ``pending``."""
         lost = [
             row["key"]
-            for row in self.manifest.rows("done", rank=self.rank, world_size=self.world)
+            for row in self.manifest.rows("done")
             if not (row["out_dir"] and (self.out / row["out_dir"] / MARKER).is_file())
         ]
         for key in lost:
@@ -1006,7 +979,7 @@ class _Runner:
         self.bar = tqdm(
             total=total,
             unit="series",
-            desc="batch" if self.world == 1 else f"batch rank {self.rank}",
+            desc="batch",
             disable=not self.options.progress,
             dynamic_ncols=True,
         )
@@ -1123,45 +1096,32 @@ def run_batch(
         raise InputError(root, "no such folder" if not root.exists() else "not a folder")
     if out == root or out.is_relative_to(root):
         raise ConfigError(f"{out}: the output folder must not be inside the input archive {root}")
-    rank, world, local_rank, local_world = distributed_env(options.rank, options.world_size)
     rules = load_rules(options.rules)
     out.mkdir(parents=True, exist_ok=True)
-    journal = options.journal_mode or os.environ.get("MEDSEG_BATCH_JOURNAL", "WAL")
-    device = options.device
-    if device is None and world > 1:
-        import torch
 
-        if torch.cuda.is_available():
-            device = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
-    if world > 1 and (device is None or device.startswith("cpu")):
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-
-    with warnings.catch_warnings(), Manifest(out / "manifest.sqlite", journal_mode=journal) as manifest:
+    with warnings.catch_warnings(), Manifest(out / "manifest.sqlite") as manifest:
         # Library warnings can quote header values (patient names): keep them out of the logs.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(highdicom|pydicom)(\.|$)")
-        runner = _Runner(root, out, Path(model), options, manifest, rank, world)
+        runner = _Runner(root, out, Path(model), options, manifest)
         discovery: dict[str, Any] = {}
         if options.discover:
-            records, ignored, discovery = discover_records(root, rules, rank=rank, world_size=world)
+            records, ignored, discovery = discover_records(root, rules)
             sync = manifest.sync(
                 records, model_id=runner.model_id, outputs=runner.outputs, retry_failed=options.retry_failed
             )
-            if rank == 0:
-                manifest.add_ignored(ignored)
+            manifest.add_ignored(ignored)
             discovery["sync"] = vars(sync)
             discovery["discovery_and_sync_s"] = time.perf_counter() - wall0
         elif options.retry_failed:
             raise ConfigError("--retry-failed needs discovery (drop --no-discovery)")
-        reclaimed = manifest.reclaim(rank=rank, world_size=world, max_attempts=options.max_attempts)
+        reclaimed = manifest.reclaim(max_attempts=options.max_attempts)
         runner.cleanup_tmp()
         lost = runner.verify_done()
         t_process = time.perf_counter()
         if options.process:
-            total = manifest.count("pending", rank=rank, world_size=world)
+            total = manifest.count("pending")
             if total and options.engine == "local":
-                runner.predictor = _make_predictor(Path(model), device)
+                runner.predictor = _make_predictor(Path(model), options.device)
                 if options.workers is None:
                     runner.workers = 2 if getattr(runner.predictor.device, "type", "cpu") == "cuda" else 0
             runner.run(total)
@@ -1174,11 +1134,8 @@ def run_batch(
             "model_id": runner.model_id,
             "outputs": list(runner.outputs),
             "rules": rules.source,
-            "rank": rank,
-            "world_size": world,
             "workers": runner.workers,
             "prefetch": options.prefetch,
-            "journal_mode": manifest.journal_mode,
             **runner.engine_info,
             "reclaimed": len(reclaimed),
             "outputs_missing": len(lost),
@@ -1188,8 +1145,5 @@ def run_batch(
             "series_per_s": round(runner.stats["processed"] / process_s, 4) if process_s > 0 else None,
             "wall_s": round(time.perf_counter() - wall0, 3),
         }
-    if world > 1:
-        write_json_atomic(out / f"summary.rank{rank}.json", summary)
-    if summary["complete"] or world == 1:
-        write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     return summary
