@@ -184,3 +184,20 @@ def test_ray_driver_killed_then_rerun_resumes(archive: Path, baseline: Path, tin
     local = _states(baseline)
     assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()))
     assert_no_leftovers(out)
+
+
+def test_pacs_run_takes_the_engine_options() -> None:
+    import argparse
+
+    from medseg.pacs.cli import _run_options, add_pacs_parser
+    from medseg.pacs.run import _batch_options
+
+    parser = argparse.ArgumentParser(prog="medseg")
+    add_pacs_parser(parser.add_subparsers(dest="command", required=True))
+    base = ["pacs", "run", "--profile", "p.yaml", "--model", "m", "--out", "o", "--study-uid", "1.2.3"]
+    options = _run_options(parser.parse_args(base), store=False)
+    assert options.engine == "local" and options.workers == 1  # unchanged default: one loader thread
+    args = parser.parse_args([*base, "--engine", "ray", "--address", "127.0.0.1:6379", "--gpus-per-worker", "0.5"])
+    batch = _batch_options(_run_options(args, store=False), None, progress=False)
+    batch.validate()
+    assert (batch.engine, batch.address, batch.gpus_per_worker, batch.workers) == ("ray", "127.0.0.1:6379", 0.5, None)

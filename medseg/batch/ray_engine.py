@@ -103,9 +103,14 @@ class PredictorWorker:
 
     def __init__(self, work: SeriesWork, device: str | None) -> None:
         import ray
+        import torch
 
         if device is None:
             device = "cuda" if ray.get_gpu_ids() else "cpu"
+        if device.startswith("cpu"):
+            # Ray sets OMP_NUM_THREADS=1 in a worker that reserves no CPU: a CPU predictor uses the
+            # cores its node offers Ray instead (one predictor per node).
+            torch.set_num_threads(max(1, _node_cpus(ray)))
         found = model_fingerprint(work.model_dir)
         if found != work.model_id:
             raise ModelError(
@@ -134,6 +139,14 @@ class PredictorWorker:
         import ray
 
         return f"{ray.get_runtime_context().get_node_id()[:8]}:{self.predictor.device}"
+
+
+def _node_cpus(ray: Any) -> int:
+    node = ray.get_runtime_context().get_node_id()
+    for entry in ray.nodes():
+        if entry.get("NodeID") == node:
+            return int(entry.get("Resources", {}).get("CPU", 1))
+    return int(os.cpu_count() or 1)
 
 
 def write_stage(
@@ -235,6 +248,11 @@ def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
         actor_cls.options(**actor_options, **_placement(ray, i, gpus)).remote(work, options.device)
         for i in range(workers)
     ]
+    try:  # the predictors load the model before any series is claimed: a bad model fails the run, not each series
+        where = sorted(ray.get([a.where.remote() for a in actors]))
+    except ray.exceptions.RayActorError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelError(f"{work.model_dir}: the Ray predictor could not start: {lines[-1][:500]}") from exc
     load = [0] * workers
     limit = workers * (options.prefetch + 1)
     inflight: dict[Any, _InFlight] = {}
@@ -274,9 +292,14 @@ def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
             runner.manifest.release(job.item.claim)
             shutil.rmtree(work.temp_dir(job.item.claim), ignore_errors=True)
         raise
-    where = sorted(ray.get([a.where.remote() for a in actors])) if actors else []
     return {"engine": "ray", "ray_nodes": nodes, "ray_workers": workers, "ray_gpus_per_worker": gpus,
             "ray_in_flight": limit, "ray_predictors": where}  # fmt: skip
+
+
+def _lost_errors(ray: Any) -> tuple[type[BaseException], ...]:
+    """Ray errors meaning "an intermediate result was lost with its node" (not the series' fault)."""
+    names = ("ObjectLostError", "OwnerDiedError", "NodeDiedError", "ObjectReconstructionFailedError")
+    return tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
 
 
 def _collect(ray: Any, runner: _Runner, job: _InFlight, submit: Any) -> None:
@@ -287,7 +310,7 @@ def _collect(ray: Any, runner: _Runner, job: _InFlight, submit: Any) -> None:
     except ray.exceptions.RayTaskError as exc:  # an exception the stage did not turn into data
         runner.finish(item, error=f"unexpected error on a Ray worker: {exc.cause!r}")
         return
-    except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.NodeDiedError) as exc:
+    except _lost_errors(ray) as exc:
         if job.tries < runner.options.max_attempts:
             shutil.rmtree(runner.work.temp_dir(item.claim), ignore_errors=True)
             submit(item, job.tries + 1)
