@@ -6,8 +6,11 @@ per slice: a phantom resampled to 0.7 x 0.7 x 1.5 mm), trains a small model for 
 the network - the stages Ray moves around), then runs, each into a fresh output folder:
 
 1. ``local``: ``medseg batch`` in one process (the baseline);
-2. ``ray-1node``: ``--engine ray`` on a one-node Ray cluster with 2 CPUs;
-3. ``ray-2nodes``: ``--engine ray`` on two nodes of 1 CPU each (the same 2 cores, split).
+2. ``ray-1node serial``: ``--engine ray --prefetch 0`` on a one-node Ray cluster with 2 CPUs: one
+   series in flight, read -> predict -> write in turn as in the local run, so the difference is
+   what Ray itself costs per series (scheduling, object store, transfers between processes);
+3. ``ray-1node``: ``--engine ray`` (default ``--prefetch 2``: reading and writing overlap inference);
+4. ``ray-2nodes``: ``--engine ray`` on two nodes of 1 CPU each (the same 2 cores, split).
 
 The Ray clusters run in a private network/PID namespace (tests/ray_support.py), as in the tests.
 For each run it reports the wall time of the processing phase, series/s, and the steady-state
@@ -15,10 +18,11 @@ seconds per series (time between the second and the last completion in the manif
 events, per series: the start-up of Ray workers and of the model is excluded and reported
 separately), plus the medians of the per-stage times the workers recorded (load, infer, write).
 
-Ray's overhead per series = steady-state s/series of ``ray-1node`` / ``local`` - 1 (same cores).
+Ray's overhead per series = steady-state s/series of ``ray-1node serial`` / ``local`` - 1 (same
+cores, same sequence of work); the pipelined runs show what the stages overlapping buys.
 
 Finally a **projection** (not a measurement) for N GPU nodes: each node reads/writes on
-``--cores-per-node`` cores at the measured CPU cost per series, and predicts on
+``--cores-per-node`` cores at the CPU cost per series measured in the serial run, and predicts on
 ``--gpus-per-node`` GPUs at ``measured CPU infer_s / --gpu-speedup``; the driver's own cost per
 series (claim + rename + done transaction, measured here on the manifest) caps the cluster.
 
@@ -113,6 +117,7 @@ def measured(out: Path, summary: dict[str, Any], *, label: str) -> dict[str, Any
         "steady_s_per_series": round(steady, 3),
         "steady_series_per_s": round(1 / steady, 4) if steady == steady and steady > 0 else None,
         **{f"median_{k}": round(v, 3) for k, v in stages.items()},
+        "predictors": run.get("ray_predictors", "in-process"),
     }
 
 
@@ -184,42 +189,47 @@ def main() -> None:
     proc = subprocess.run(batch_argv(archive, model, out, args.outputs), capture_output=True, text=True, check=True)
     results.append(measured(out, summary_of(proc.stdout), label="local (1 process, 2 cores)"))
     print(json.dumps(results[-1]), flush=True)
-    for label, nodes, cpus in (("ray-1node (1 x 2 CPUs)", 1, 2), ("ray-2nodes (2 x 1 CPU)", 2, 1)):
-        out = runs / label.split()[0]
-        (step,) = run_cluster(
-            [{"argv": batch_argv(archive, model, out, args.outputs, "--engine", "ray"), "timeout": 3600}],
-            runs / f"{label.split()[0]}-cluster",
-            nodes=nodes,
-            cpus=cpus,
-            timeout=3600,
-        )
-        if step["returncode"] != 0:
-            raise SystemExit(f"{label} failed:\n{step['stderr'][-3000:]}")
-        results.append(measured(out, summary_of(step["stdout"]), label=label))
-        print(json.dumps(results[-1]), flush=True)
-    local, ray1, ray2 = results
+    clusters = {
+        "ray-1node": (1, 2, [("ray-1node serial (1 x 2 CPUs, --prefetch 0)", ("--prefetch", "0")),
+                             ("ray-1node (1 x 2 CPUs)", ())]),
+        "ray-2nodes": (2, 1, [("ray-2nodes (2 x 1 CPU)", ())]),
+    }  # fmt: skip
+    for name, (nodes, cpus, configs) in clusters.items():
+        steps = [
+            {"argv": batch_argv(archive, model, runs / f"{name}-{i}", args.outputs, "--engine", "ray", *extra),
+             "timeout": 3600}
+            for i, (_, extra) in enumerate(configs)
+        ]  # fmt: skip
+        outcomes = run_cluster(steps, runs / f"{name}-cluster", nodes=nodes, cpus=cpus, timeout=3600)
+        for i, ((label, _), step) in enumerate(zip(configs, outcomes, strict=True)):
+            if step["returncode"] != 0:
+                raise SystemExit(f"{label} failed:\n{step['stderr'][-3000:]}")
+            results.append(measured(runs / f"{name}-{i}", summary_of(step["stdout"]), label=label))
+            print(json.dumps(results[-1]), flush=True)
+    local, serial, ray1, ray2 = results
     driver_s = driver_cost_per_series(Path(tempfile.mkdtemp(prefix="medseg-bench-driver-")))
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "archive": {"series": args.series, "shape": [args.size, args.size, args.slices], "outputs": args.outputs},
         "runs": results,
-        "ray_overhead_steady": round(ray1["steady_s_per_series"] / local["steady_s_per_series"] - 1, 4),
-        "ray_overhead_wall": round(ray1["process_s"] / local["process_s"] - 1, 4),
+        "ray_overhead_steady": round(serial["steady_s_per_series"] / local["steady_s_per_series"] - 1, 4),
+        "ray_overhead_wall": round(serial["process_s"] / local["process_s"] - 1, 4),
+        "pipelined_vs_local": round(local["steady_s_per_series"] / ray1["steady_s_per_series"], 3),
         "two_nodes_vs_one": round(ray2["steady_series_per_s"] / ray1["steady_series_per_s"], 3),
         "driver_s_per_series": round(driver_s, 5),
         "projection": {
-            "note": "PROJECTION, not a measurement: per-stage medians of the ray-1node run; GPU inference assumed"
+            "note": "PROJECTION, not a measurement: per-stage medians of the serial Ray run; GPU inference assumed"
             f" {args.gpu_speedup:g}x faster than this CPU; {args.cores_per_node} cores and {args.gpus_per_node}"
             " GPUs per node; capped by the driver's measured manifest cost per series",
-            "cpu_s_per_series": round(ray1["median_load_s"] + ray1["median_write_s"], 3),
-            "gpu_infer_s_per_series": round(ray1["median_infer_s"] / args.gpu_speedup, 4),
-            "rows": projection(ray1, driver_s, args),
+            "cpu_s_per_series": round(serial["median_load_s"] + serial["median_write_s"], 3),
+            "gpu_infer_s_per_series": round(serial["median_infer_s"] / args.gpu_speedup, 4),
+            "rows": projection(serial, driver_s, args),
         },
     }
     print(json.dumps(report, indent=2))
     print(
         f"\nsteady state: local {local['steady_s_per_series']:.2f} s/series,"
-        f" ray 1 node {ray1['steady_s_per_series']:.2f},"
+        f" ray 1 node serial {serial['steady_s_per_series']:.2f}, pipelined {ray1['steady_s_per_series']:.2f},"
         f" ray 2 nodes {ray2['steady_s_per_series']:.2f}; Ray overhead {100 * report['ray_overhead_steady']:+.1f} %"
         f" (wall incl. start-up {100 * report['ray_overhead_wall']:+.1f} %)"
     )

@@ -105,6 +105,17 @@ def _summary(stdout: str) -> dict[str, Any]:
     return dict(json.loads(stdout[stdout.index("\n{") + 1 :] if not stdout.startswith("{") else stdout))
 
 
+def _max_in_flight(out: Path) -> int:
+    """Most series claimed and not yet finished at any one time (from the manifest's event log)."""
+    with Manifest(out / "manifest.sqlite") as m:
+        events = m.events()
+    now = peak = 0
+    for event in events:
+        now += {"claimed": 1, "done": -1, "failed": -1, "released": -1}.get(event["event"], 0)
+        peak = max(peak, now)
+    return peak
+
+
 def _key_of(folder: Path) -> str:
     return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
 
@@ -146,6 +157,7 @@ def test_ray_equals_single_process_and_a_raising_worker_fails_one_series(
     rows = _states(out)
     assert rows[poisoned][0] == "failed"
     assert "injected fault at predicted (MEDSEG_BATCH_RAISE_AT)" in rows[poisoned][2]
+    assert 0 < _max_in_flight(out) <= run["ray_in_flight"] == 2 * (2 + 1)  # backpressure: workers x (prefetch + 1)
     compared = assert_same_outputs(out, baseline, except_keys={poisoned})
     assert compared >= PHANTOMS - 1
     local = _states(baseline)

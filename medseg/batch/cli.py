@@ -86,7 +86,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         " 0 on CPU (where they slow inference down; see docs/benchmarks.md); with --engine ray: predictor actors"
         " (default: one per GPU, or one per node without GPUs)",
     )
-    p.add_argument("--prefetch", type=int, default=2, help="loaded series queued for inference; default 2")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=2,
+        help="loaded series queued for inference; default 2 (with --engine ray: series in flight per predictor"
+        " beyond the one it segments)",
+    )
     p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
     p.add_argument(
         "--max-attempts",

@@ -135,10 +135,12 @@ class PredictorWorker:
         return {"label": label, "names": self.names, "timings": {"load_s": info["load_s"], **timings}}
 
     def where(self) -> str:
-        """Node id and device (for the run summary)."""
+        """Node id, device and CPU threads (for the run summary)."""
         import ray
+        import torch
 
-        return f"{ray.get_runtime_context().get_node_id()[:8]}:{self.predictor.device}"
+        node = ray.get_runtime_context().get_node_id()[:8]
+        return f"{node}:{self.predictor.device}:{torch.get_num_threads()} threads"
 
 
 def _node_cpus(ray: Any) -> int:

@@ -93,7 +93,8 @@ class BatchOptions:
         workers: Loader threads reading the next series during inference (0: no prefetch; ``None``:
             2 when inference runs on a GPU, 0 on CPU, where the threads compete with the network for
             the cores and the GIL - measured slower on 2 cores, see ``docs/benchmarks.md``).
-        prefetch: Loaded series waiting in the queue (at least 1).
+        prefetch: Loaded series waiting in the queue (at least 1); with Ray, series in flight per
+            predictor beyond the one it works on (0: no pipelining).
         seg_type: DICOM SEG encoding, ``binary`` or ``labelmap``.
         max_attempts: A series whose process died this often while on it is marked failed.
         lease_s: Claim lease; renewed every ``lease_s / 3`` by a heartbeat.
@@ -132,8 +133,8 @@ class BatchOptions:
         unknown = [o for o in self.outputs if o not in OUTPUTS]
         if unknown or not self.outputs:
             raise ConfigError(f"--outputs: unknown {unknown or 'empty list'} (choose from {', '.join(OUTPUTS)})")
-        if (self.workers is not None and self.workers < 0) or self.prefetch < 1:
-            raise ConfigError("--workers must be >= 0 and --prefetch >= 1")
+        if (self.workers is not None and self.workers < 0) or self.prefetch < (0 if self.engine == "ray" else 1):
+            raise ConfigError("--workers must be >= 0 and --prefetch >= 1 (>= 0 with --engine ray)")
         if self.seg_type not in ("binary", "labelmap"):
             raise ConfigError(f"--seg-type must be binary or labelmap, got {self.seg_type!r}")
         if self.max_attempts < 1:
