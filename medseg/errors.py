@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "ConfigError",
     "DatasetError",
+    "ExportError",
     "GeometryError",
     "InputError",
     "MedsegError",
@@ -51,6 +52,21 @@ class DatasetError(MedsegError):
 
 class ModelError(MedsegError):
     """A model directory is missing a file or does not fit the input."""
+
+
+class ExportError(MedsegError):
+    """A derived DICOM object (SEG, RTSTRUCT, ...) could not be written for a series.
+
+    The message names the series (patient, study, series number and description) and the
+    reason, never a temporary output path, so a caller writing several outputs per series can
+    record which one failed and keep the others.
+    """
+
+    def __init__(self, series: str, output: str, reason: str) -> None:
+        self.series = series
+        self.output = output
+        self.reason = reason
+        super().__init__(f"{series}: {output} not written: {reason}")
 
 
 class OutputExistsError(MedsegError):

@@ -89,37 +89,72 @@ def test_messy_archive_finds_the_image_series_and_says_why_it_skipped_the_rest(
     assert picked.geometry.allclose(direct.geometry, atol=0) and np.array_equal(picked.array, direct.array)
 
 
-def test_echoes_are_split_into_sub_series_with_stable_keys(tmp_path: Path) -> None:
+def test_echoes_on_one_grid_are_one_multi_volume_series(tmp_path: Path) -> None:
     uid, study = generate_uid(), generate_uid()
     echo1, echo2 = phantom(seed=1), phantom(seed=2)
+    write_series(echo2, tmp_path / "s", series_uid=uid, study_uid=study, prefix="A", EchoNumbers="2")
+    write_series(echo1, tmp_path / "s", series_uid=uid, study_uid=study, prefix="B", EchoNumbers="1")
+    (series,) = discover_series(tmp_path / "s")
+    assert series.key == uid and series.num_volumes == 2 and series.num_slices == echo1.geometry.shape[2]
+    both = read_dicom_series(tmp_path / "s")
+    assert both.array.shape == (2, *echo1.geometry.shape)  # volumes in echo order, whatever the file order
+    assert np.array_equal(both.array[0], echo1.array[0]) and np.array_equal(both.array[1], echo2.array[0])
+    assert [v["echo"] for v in both.meta["volumes"]] == ["1", "2"]
+    # One volume of it, by key: <UID>#vol=<n> (1-based).
+    second = read_dicom_series(tmp_path / "s", series_uid=f"{uid}#vol=2")
+    assert np.array_equal(second.array, echo2.array) and second.geometry.allclose(echo2.geometry, atol=1e-5)
+    assert second.meta["series_key"] == f"{uid}#vol=2"
+
+
+def test_echoes_on_different_positions_stay_separate_series(tmp_path: Path) -> None:
+    uid, study = generate_uid(), generate_uid()
+    echo1, echo2 = phantom(seed=1), phantom(seed=2)
+    shifted = echo2.geometry.affine.copy()
+    shifted[:3, 3] += shifted[:3, 2] * 0.5  # interleaved: half a slice further along
     write_series(echo1, tmp_path / "s", series_uid=uid, study_uid=study, prefix="A", EchoNumbers="1")
-    write_series(echo2, tmp_path / "s", series_uid=uid, study_uid=study, prefix="B", EchoNumbers="2")
+    moved = type(echo2)(echo2.array, type(echo2.geometry)(shape=echo2.geometry.shape, affine=shifted))
+    write_series(moved, tmp_path / "s", series_uid=uid, study_uid=study, prefix="B", EchoNumbers="2")
     keys = [s.key for s in discover_series(tmp_path / "s")]
     assert keys == [f"{uid}#echo=1", f"{uid}#echo=2"]
     assert keys == [s.key for s in discover_series(tmp_path / "s")]  # stable
     with pytest.raises(InputError, match="contains 2 series"):
         read_dicom_series(tmp_path / "s", series_uid=uid)
     second = read_dicom_series(tmp_path / "s", series_uid=f"{uid}#echo=2")
-    assert np.array_equal(second.array, echo2.array) and second.geometry.allclose(echo2.geometry, atol=1e-5)
+    assert np.array_equal(second.array, echo2.array)
 
 
-def test_acquisition_number_splits_only_full_volumes(tmp_path: Path) -> None:
+def test_acquisition_number_makes_volumes_only_of_full_volumes(tmp_path: Path) -> None:
     volume = phantom(seed=3)
     # Some scanners count AcquisitionNumber per slice: that must stay one series.
     files = write_series(volume, tmp_path / "per_slice")
     for k, path in enumerate(files):
         edit(path, AcquisitionNumber=str(k + 1))
     (series,) = discover_series(tmp_path / "per_slice")
-    assert series.num_slices == volume.geometry.shape[2]
+    assert series.num_slices == volume.geometry.shape[2] and series.num_volumes == 1
     assert np.array_equal(read_dicom_series(tmp_path / "per_slice").array, volume.array)
-    # Two complete acquisitions at the same positions (e.g. pre/post contrast in one series).
+    # Two complete acquisitions at the same positions (e.g. pre/post contrast in one series): one 4D series.
     uid, study = generate_uid(), generate_uid()
     write_series(volume, tmp_path / "two", series_uid=uid, study_uid=study, prefix="A", AcquisitionNumber="1")
     later = phantom(seed=4)
     write_series(later, tmp_path / "two", series_uid=uid, study_uid=study, prefix="B", AcquisitionNumber="2")
-    parts = discover_series(tmp_path / "two")
-    assert [s.key for s in parts] == [f"{uid}#acq=1", f"{uid}#acq=2"]
-    assert np.array_equal(read_dicom_series(tmp_path / "two", series_uid=f"{uid}#acq=2").array, later.array)
+    (both,) = discover_series(tmp_path / "two")
+    assert both.key == uid and both.num_volumes == 2
+    assert np.array_equal(read_dicom_series(tmp_path / "two", series_uid=f"{uid}#vol=2").array, later.array)
+    # Complete acquisitions on overlapping but different positions (slabs) are separate series, in numeric order.
+    slab = tmp_path / "slabs"
+    for shift, acq in ((3, 10), (2, 2), (1, 1)):
+        a = volume.geometry.affine.copy()
+        a[:3, 3] += a[:3, 2] * shift
+        geometry = type(volume.geometry)(shape=volume.geometry.shape, affine=a)
+        write_series(
+            type(volume)(volume.array, geometry),
+            slab,
+            series_uid=uid,
+            study_uid=study,
+            prefix=f"S{acq}",
+            AcquisitionNumber=str(acq),
+        )
+    assert [s.key for s in discover_series(slab)] == [f"{uid}#acq=1", f"{uid}#acq=2", f"{uid}#acq=10"]
 
 
 def test_mixed_image_sizes_in_one_uid_become_separate_series(tmp_path: Path) -> None:

@@ -39,9 +39,10 @@ def test_convert_a_study_writes_one_nifti_and_sidecar_per_series(shared_data: Pa
     study = studies[0]
     out = tmp_path / "out"
     assert _run("convert", str(study), str(out)) == 0
-    niftis = sorted(out.glob("*.nii.gz"))
-    assert len(niftis) == 3 and len(list(out.glob("*.json"))) == 3
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    niftis = sorted(out.rglob("*.nii.gz"))
+    assert len(niftis) == 3 and len(list(out.rglob("*.json"))) == 3
+    assert {p.parent.relative_to(out).parts[0] for p in niftis} == {study.parent.name}  # patient/study/ sub-folders
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
     for nifti in niftis:
         sidecar = json.loads(nifti.with_name(nifti.name.replace(".nii.gz", ".json")).read_text())
         (folder,) = [p for p in study.iterdir() if p.is_dir() and sidecar["source"] == str(p)]
@@ -60,7 +61,7 @@ def test_convert_refuses_to_overwrite_and_leaves_outputs_untouched(tmp_path: Pat
     write_series(phantom(), tmp_path / "dicom")
     out = tmp_path / "out"
     assert _run("convert", str(tmp_path / "dicom"), str(out)) == 0
-    (nifti,) = out.glob("*.nii.gz")
+    (nifti,) = out.rglob("*.nii.gz")
     before = nifti.read_bytes()
     assert _run("convert", str(tmp_path / "dicom"), str(out)) == 1
     assert nifti.read_bytes() == before
@@ -89,7 +90,7 @@ def test_convert_continues_past_a_bad_series_without_partial_output(tmp_path: Pa
     assert status == [("done", True), ("failed", False), ("failed", False)]
     errors = " | ".join(r["error"] for r in records if r["error"])
     assert "missing slice" in errors and "broken.nii.gz" in errors
-    assert len(_files(tmp_path / "out")) == 2  # the good series' NIfTI and sidecar only
+    assert len([p for p in (tmp_path / "out").rglob("*") if p.is_file()]) == 2  # the good series' NIfTI and sidecar
 
 
 def test_convert_nothing_to_convert_is_a_typed_error(tmp_path: Path) -> None:

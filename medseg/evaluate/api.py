@@ -24,9 +24,9 @@ import numpy as np
 
 from medseg.errors import DatasetError, InputError, MedsegError, OutputExistsError
 from medseg.evaluate.inputs import (
+    LabelInput,
     find_case_files,
     names_from_meta,
-    read_label_volume,
     resample_to_reference,
 )
 from medseg.evaluate.metrics import (
@@ -92,13 +92,17 @@ def evaluate_folders(
     """Compare predicted label volumes with references and write a report.
 
     Cases are matched by case id, the file name without its suffix (``case_001.nii.gz`` ->
-    ``case_001``).  When both ``pred`` and ``ref`` are single files they are compared whatever
-    their names (the case id is the reference's).  Bad input is listed as problems (see the
-    module docstring); the other cases are evaluated.
+    ``case_001``; layouts: :mod:`medseg.evaluate.inputs`).  Cases left unmatched by name are then
+    paired by the image series they belong to (a SEG's referenced series, a batch output's source
+    series, a converted NIfTI's ``series_uid``, a DICOM mask series' own UID), then by study when
+    each side has exactly one unmatched case of that study; the case id is the reference's.  When
+    both ``pred`` and ``ref`` are single files they are compared whatever their names.  Bad input
+    is listed as problems (see the module docstring); the other cases are evaluated.
 
     Args:
-        pred: Folder of predicted label volumes (NIfTI, NRRD, MHA, DICOM SEG ``.dcm``) or one file.
-        ref: Folder of reference label volumes or one file.
+        pred: Predicted labels: a file (NIfTI, NRRD, MHA, DICOM SEG), a folder of them, a
+            ``medseg batch`` output folder or a folder of DICOM mask series / SEGs.
+        ref: Reference labels, in any of the same layouts.
         out_dir: Report folder (see :func:`~medseg.evaluate.report.write_report`).
         label_names: ``{label value: class name}``; ``None`` evaluates every label found in the
             references, named from the files' metadata (DICOM SEG, sidecar) or ``label_<n>``.
@@ -240,8 +244,8 @@ class _RunState:
 
 def _evaluate_one(
     case_id: str,
-    pred_file: Path,
-    ref_file: Path,
+    pred_file: LabelInput,
+    ref_file: LabelInput,
     state: _RunState,
     report: Callable[[Problem], None],
     *,
@@ -289,8 +293,8 @@ def _evaluate_one(
 
 def _read_pair(
     case_id: str,
-    pred_file: Path,
-    ref_file: Path,
+    pred_file: LabelInput,
+    ref_file: LabelInput,
     report: Callable[[Problem], None],
     *,
     atol: float,
@@ -300,12 +304,12 @@ def _read_pair(
     loaded: dict[str, Volume] = {}
     for what, file in (("reference", ref_file), ("prediction", pred_file)):
         try:
-            loaded[what] = read_label_volume(file)
+            loaded[what] = file.read()
         except MedsegError as exc:
             report(Problem("unreadable", f"{what}: {exc}", case_id, str(file)))
     if len(loaded) < 2:
         return None
-    ref_vol, pred_vol = loaded["reference"], loaded["prediction"]
+    ref_vol, pred_vol = _seg_on_full_grid(loaded["reference"], loaded["prediction"], atol=atol)
     if not ref_vol.geometry.allclose(pred_vol.geometry, atol=atol):
         if not resample:
             report(
@@ -322,6 +326,23 @@ def _read_pair(
     elif pred_vol.geometry is not ref_vol.geometry:
         pred_vol = Volume(pred_vol.array, ref_vol.geometry, kind="label", source=pred_vol.source, meta=pred_vol.meta)
     return pred_vol, ref_vol
+
+
+def _seg_on_full_grid(ref_vol: Volume, pred_vol: Volume, *, atol: float) -> tuple[Volume, Volume]:
+    """A DICOM SEG read on its own (non-empty) frames is put on the other side's full grid when its voxels are there."""
+    from medseg.errors import GeometryError
+    from medseg.io.grid import place_into
+
+    if ref_vol.geometry.allclose(pred_vol.geometry, atol=atol):
+        return ref_vol, pred_vol
+    try:
+        if "segmentation_type" in pred_vol.meta:
+            return ref_vol, place_into(pred_vol, ref_vol.geometry, atol=max(atol, 1e-3))
+        if "segmentation_type" in ref_vol.meta:
+            return place_into(ref_vol, pred_vol.geometry, atol=max(atol, 1e-3)), pred_vol
+    except GeometryError:
+        pass
+    return ref_vol, pred_vol
 
 
 def _complete_rows(state: _RunState, names: Mapping[int, str]) -> list[dict[str, Any]]:
@@ -351,28 +372,49 @@ def _empty_row(case_id: str, structure: Structure, voxel_ml: float, options: Eva
 
 
 # ------------------------------------------------------------------ inputs
-def _match_cases(pred: Path, ref: Path, report: Callable[[Problem], None]) -> dict[str, tuple[Path, Path]]:
-    """``{case id: (prediction file, reference file)}``; everything unmatched is reported."""
+def _match_cases(pred: Path, ref: Path, report: Callable[[Problem], None]) -> dict[str, tuple[LabelInput, LabelInput]]:
+    """``{case id: (prediction, reference)}``; everything unmatched is reported."""
     ref_files = find_case_files(ref, what="reference")
     pred_files = find_case_files(pred, what="prediction")
     if not ref_files.files and not ref_files.duplicates:
-        raise DatasetError(f"{ref}: no reference label volumes ({', '.join((*VOLUME_SUFFIXES, '.dcm'))})")
+        raise DatasetError(
+            f"{ref}: no reference label volumes ({', '.join((*VOLUME_SUFFIXES, '.dcm'))}, DICOM SEG or mask series)"
+        )
     if pred.is_file() and ref.is_file():
         only = next(iter(ref_files.files))
-        return {only: (pred, ref_files.files[only])}
+        return {only: (next(iter(pred_files.files.values())), ref_files.files[only])}
     for side, found in (("reference", ref_files), ("prediction", pred_files)):
         for case_id, files in sorted(found.duplicates.items()):
             names = ", ".join(f.name for f in files)
             report(Problem("duplicate_case", f"several {side} files for one case: {names}", case_id, str(files[0])))
     skip = set(ref_files.duplicates) | set(pred_files.duplicates)
-    for case_id in sorted(set(ref_files.files) - set(pred_files.files) - skip):
-        file = ref_files.files[case_id]
-        report(Problem("missing_prediction", f"no prediction in {pred} for reference {file.name}", case_id, str(file)))
-    for case_id in sorted(set(pred_files.files) - set(ref_files.files) - skip):
-        file = pred_files.files[case_id]
-        report(Problem("missing_reference", f"no reference in {ref} for prediction {file.name}", case_id, str(file)))
     common = (set(ref_files.files) & set(pred_files.files)) - skip
-    return {c: (pred_files.files[c], ref_files.files[c]) for c in sorted(common)}
+    pairs = {c: (pred_files.files[c], ref_files.files[c]) for c in sorted(common)}
+    refs_left = {c: f for c, f in ref_files.files.items() if c not in common and c not in skip}
+    preds_left = {c: f for c, f in pred_files.files.items() if c not in common and c not in skip}
+    for attribute in ("series_uid", "study_uid"):  # names differ: pair by the series, then the study
+        for case_id, (pred_id, ref_id) in _pair_by(preds_left, refs_left, attribute).items():
+            pairs[case_id] = (preds_left.pop(pred_id), refs_left.pop(ref_id))
+    for case_id in sorted(refs_left):
+        file = refs_left[case_id]
+        report(Problem("missing_prediction", f"no prediction in {pred} for reference {file.name}", case_id, str(file)))
+    for case_id in sorted(preds_left):
+        file = preds_left[case_id]
+        report(Problem("missing_reference", f"no reference in {ref} for prediction {file.name}", case_id, str(file)))
+    return dict(sorted(pairs.items()))
+
+
+def _pair_by(
+    preds: Mapping[str, LabelInput], refs: Mapping[str, LabelInput], attribute: str
+) -> dict[str, tuple[str, str]]:
+    """``{reference case id: (prediction id, reference id)}`` for UIDs held by exactly one case on each side."""
+    by_value: dict[str, tuple[list[str], list[str]]] = {}
+    for side, items in ((0, preds), (1, refs)):
+        for case_id, item in items.items():
+            value = getattr(item, attribute)
+            if value:
+                by_value.setdefault(value, ([], []))[side].append(case_id)
+    return {r[0]: (p[0], r[0]) for p, r in by_value.values() if len(p) == 1 and len(r) == 1}
 
 
 def find_label_files(path: Path, *, what: str = "label") -> dict[str, Path]:
@@ -390,7 +432,11 @@ def find_label_files(path: Path, *, what: str = "label") -> dict[str, Path]:
     if found.duplicates:
         listing = "; ".join(" / ".join(f.name for f in files) for files in found.duplicates.values())
         raise DatasetError(f"{path}: several {what} files per case: {listing}")
-    return {k: v for k, v in found.files.items() if split_suffix(v)[1] in VOLUME_SUFFIXES or Path(path).is_file()}
+    return {
+        k: v.path
+        for k, v in found.files.items()
+        if v.series is None and (split_suffix(v.path)[1] in VOLUME_SUFFIXES or Path(path).is_file())
+    }
 
 
 def _require_absent(out_dir: Path) -> None:
@@ -433,7 +479,7 @@ def _worst_cases(rows: Iterable[dict[str, Any]], limit: int) -> list[tuple[str, 
 
 def _render_overlays(
     rows: list[dict[str, Any]],
-    pairs: Mapping[str, tuple[Path, Path]],
+    pairs: Mapping[str, tuple[LabelInput, LabelInput]],
     state: _RunState,
     names: Mapping[int, str],
     image_files: Mapping[str, Path],

@@ -28,12 +28,21 @@ def add_evaluate_parser(subparsers: Any) -> None:
         ),
     )
     p.add_argument(
-        "--pred", required=True, help="folder of predicted label volumes (NIfTI/NRRD/MHA/DICOM SEG) or one file"
+        "--pred",
+        required=True,
+        help="predicted labels: one file (NIfTI/NRRD/MHA/DICOM SEG), a folder of them, a medseg batch output folder, "
+        "or a folder of DICOM mask series / SEGs",
     )
-    p.add_argument("--ref", required=True, help="folder of reference label volumes or one file")
+    p.add_argument("--ref", required=True, help="reference labels, in any layout --pred accepts")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument(
         "--labels", default=None, help="label names: model directory (plan.yaml), dataset folder or dataset.json"
+    )
+    p.add_argument(
+        "--label-names",
+        default=None,
+        metavar="V=NAME,...",
+        help="label names on the command line, e.g. 1=tumour,2=edema (override --labels for those values)",
     )
     p.add_argument(
         "--regions",
@@ -63,13 +72,15 @@ def add_evaluate_parser(subparsers: Any) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``medseg evaluate`` with parsed arguments; returns the exit code."""
     from medseg.evaluate.api import Problem, evaluate_folders
-    from medseg.evaluate.inputs import load_label_names, load_regions
+    from medseg.evaluate.inputs import load_label_names, load_regions, parse_label_names
 
     label_names: dict[int, str] | None = None
     regions: dict[str, list[Any]] = {}
     if args.labels:
         label_names, dataset_regions = load_label_names(args.labels)
         regions.update(dataset_regions)
+    if getattr(args, "label_names", None):
+        label_names = {**(label_names or {}), **parse_label_names(args.label_names)}
     if args.regions:
         regions.update(load_regions(args.regions))
 

@@ -1,10 +1,20 @@
 """Evaluation inputs: case matching, reading label volumes, label names, regions, resampling.
 
-* A prediction or reference argument is a folder of label volumes or a single file.  Label
-  volumes are NIfTI (``.nii.gz``, ``.nii``), NRRD, MHA/MHD, or DICOM SEG (``.dcm``, read with
-  :func:`medseg.io.dicom_seg.read_dicom_seg`); the case id is the file name without its suffix.
+* A prediction or reference argument is one of:
+
+  - a single file: a label volume (NIfTI ``.nii.gz``/``.nii``, NRRD, MHA/MHD) or a DICOM SEG;
+  - a folder of such files (case id = file name without suffix; DICOM SEG as ``.dcm``);
+  - a ``medseg batch`` output folder (``OUT/<study>/<series>/segmentation.nii.gz``, else ``seg.dcm``,
+    recognised by the ``.medseg-series.json`` markers; case id = ``<study>/<series>``);
+  - a folder of DICOM series (mask series such as TCIA's ``MaskTumor``, and DICOM SEGs, in any
+    sub-folders; case id = the series' folder relative to the argument).
+
+  Every case also carries the image series and study it belongs to (a SEG's referenced series, a
+  batch output's source series, a converted NIfTI's sidecar ``series_uid``, a DICOM series' own
+  UIDs), which :func:`medseg.evaluate.api.evaluate_folders` uses to pair cases whose names differ.
 * Label names come from a model directory (``plan.yaml``), a dataset folder or ``dataset.json``
-  (nnU-Net v1/v2 or MSD; v2 region entries ``"name": [values]`` become regions), or a plan file.
+  (nnU-Net v1/v2 or MSD; v2 region entries ``"name": [values]`` become regions), a plan file, or
+  ``--label-names 1=tumour,2=edema`` (:func:`parse_label_names`).
 * Regions come from a YAML/JSON file or an inline JSON/YAML mapping ``{name: [values or class names]}``.
 * :func:`resample_to_reference` puts a prediction on the reference grid (nearest neighbour,
   SimpleITK); it is only used when asked (``--resample-to-ref``).
@@ -13,10 +23,11 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,38 +38,97 @@ from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, is_dicom_file, load_vol
 from medseg.io.volume import label_dtype
 from medseg.types import PathLike
 
+if TYPE_CHECKING:
+    from medseg.io.dicom import DicomSeries
+
 __all__ = [
     "DICOM_SEG_SUFFIXES",
     "CaseFiles",
+    "LabelInput",
     "find_case_files",
     "load_label_names",
     "load_regions",
+    "parse_label_names",
     "read_label_volume",
     "resample_to_reference",
 ]
 
 #: Suffixes of DICOM SEG files recognised in folders (single files are sniffed instead).
 DICOM_SEG_SUFFIXES = (".dcm",)
+#: Completion marker of a ``medseg batch`` series output folder (see :mod:`medseg.batch.runner`).
+BATCH_MARKER = ".medseg-series.json"
+BATCH_LABEL_FILES = ("segmentation.nii.gz", "seg.dcm")
+
+
+@dataclass(frozen=True)
+class LabelInput:
+    """Where one case's label volume comes from.
+
+    Attributes:
+        path: The label file, or the folder of a DICOM mask series.
+        series: The DICOM mask series (``None`` for files).
+        series_uid: SeriesInstanceUID of the image series the labels belong to, if known.
+        study_uid: StudyInstanceUID, if known.
+    """
+
+    path: Path
+    series: DicomSeries | None = field(default=None, compare=False)
+    series_uid: str = ""
+    study_uid: str = ""
+
+    @property
+    def name(self) -> str:
+        """File (or folder) name, for messages."""
+        return self.path.name
+
+    def __str__(self) -> str:
+        if self.series is None:
+            return str(self.path)
+        return f"{self.path} (DICOM series {self.series.series_number} '{self.series.description}')"
+
+    def read(self) -> Volume:
+        """The ``(1, X, Y, Z)`` label volume (see :func:`read_label_volume`)."""
+        if self.series is None:
+            return read_label_volume(self.path)
+        from medseg.io.dicom import load_series
+        from medseg.io.images import _as_labels
+
+        volume = load_series(self.series, source=self.path)
+        if volume.channels != 1:
+            raise InputError(
+                self.path, f"a multi-volume DICOM series ({volume.channels} volumes) is not a label volume"
+            )
+        labels = _as_labels(self.path, volume.array)
+        return Volume(labels, volume.geometry, kind="label", source=str(self.path), meta=volume.meta)
 
 
 @dataclass
 class CaseFiles:
-    """Files of one side (predictions or references), keyed by case id.
+    """Label inputs of one side (predictions or references), keyed by case id.
 
     Attributes:
-        files: ``{case id: file}``.
-        duplicates: ``{case id: [files]}`` for ids that several files share (not in ``files``).
+        files: ``{case id: input}``.
+        duplicates: ``{case id: [inputs]}`` for ids that several inputs share (not in ``files``).
     """
 
-    files: dict[str, Path] = field(default_factory=dict)
-    duplicates: dict[str, list[Path]] = field(default_factory=dict)
+    files: dict[str, LabelInput] = field(default_factory=dict)
+    duplicates: dict[str, list[LabelInput]] = field(default_factory=dict)
+
+    def add(self, case: str, item: LabelInput) -> None:
+        """Add an input; a second input with the same id moves the id to ``duplicates``."""
+        if case in self.duplicates:
+            self.duplicates[case].append(item)
+        elif case in self.files:
+            self.duplicates[case] = [self.files.pop(case), item]
+        else:
+            self.files[case] = item
 
 
 def find_case_files(path: PathLike, *, what: str) -> CaseFiles:
-    """Label files of a folder (or a single file) keyed by case id.
+    """Label inputs of a file or folder keyed by case id (layouts: see the module docstring).
 
     Hidden files and files that are neither volumes nor ``.dcm`` are skipped; ids shared by several
-    files (``a.nii`` and ``a.nii.gz``) are reported in ``duplicates`` and left out.
+    inputs (``a.nii`` and ``a.nii.gz``) are reported in ``duplicates`` and left out.
 
     Raises:
         InputError: ``path`` does not exist.
@@ -66,20 +136,101 @@ def find_case_files(path: PathLike, *, what: str) -> CaseFiles:
     path = Path(path)
     if not path.exists():
         raise InputError(path, f"no such {what} file or folder")
+    out = CaseFiles()
     if path.is_file():
-        return CaseFiles(files={case_id(path): path})
-    found: dict[str, list[Path]] = {}
+        out.add(case_id(path), _file_input(path))
+        return out
+    markers = sorted(path.glob(f"*/*/{BATCH_MARKER}"))
+    if markers:
+        for marker in markers:
+            _add_batch_case(out, path, marker)
+        return out
+    dicom_images = False
     for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
         stem, suffix = split_suffix(file)
-        if suffix in VOLUME_SUFFIXES or suffix in DICOM_SEG_SUFFIXES:
-            found.setdefault(stem, []).append(file)
-    out = CaseFiles()
-    for key, files in found.items():
-        if len(files) == 1:
-            out.files[key] = files[0]
-        else:
-            out.duplicates[key] = files
+        if suffix in VOLUME_SUFFIXES:
+            out.add(stem, _file_input(file))
+        elif suffix in DICOM_SEG_SUFFIXES or is_dicom_file(file):
+            if _is_seg(file):
+                out.add(stem, _file_input(file))
+            else:
+                dicom_images = True
+    if dicom_images or (not out.files and not out.duplicates and any(p.is_dir() for p in path.iterdir())):
+        _add_dicom_cases(out, path)
     return out
+
+
+def _is_seg(path: Path) -> bool:
+    from medseg.io.dicom_seg import is_dicom_seg
+
+    return is_dicom_seg(path)
+
+
+def _file_input(path: Path) -> LabelInput:
+    """A label file with the series/study it belongs to (SEG header, or a medseg JSON sidecar)."""
+    series_uid = study_uid = ""
+    if split_suffix(path)[1] not in VOLUME_SUFFIXES:
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            refs = ds.get("ReferencedSeriesSequence") or []
+            series_uid = str(refs[0].get("SeriesInstanceUID", "")) if len(refs) else ""
+            study_uid = str(ds.get("StudyInstanceUID", "") or "")
+        except Exception:
+            pass
+    else:
+        sidecar = path.with_name(split_suffix(path)[0] + ".json")
+        try:
+            data = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        except (OSError, ValueError):
+            data = {}
+        if isinstance(data, dict):
+            series_uid = str(data.get("series_uid") or data.get("SeriesInstanceUID") or "")
+            study_uid = str(data.get("study_uid") or data.get("StudyInstanceUID") or "")
+    return LabelInput(path, series_uid=series_uid, study_uid=study_uid)
+
+
+def _add_batch_case(out: CaseFiles, root: Path, marker: Path) -> None:
+    folder = marker.parent
+    label = next((folder / n for n in BATCH_LABEL_FILES if (folder / n).is_file()), None)
+    if label is None:
+        return
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        data = {}
+    out.add(
+        folder.relative_to(root).as_posix(),
+        LabelInput(label, series_uid=str(data.get("series_uid") or ""), study_uid=str(data.get("study_uid") or "")),
+    )
+
+
+def _add_dicom_cases(out: CaseFiles, root: Path) -> None:
+    """Every DICOM image series (a mask series) and DICOM SEG under ``root`` becomes a case."""
+    from medseg.io.dicom import scan_dicom
+
+    scan = scan_dicom(root)
+    folders: dict[Path, list[DicomSeries]] = {}
+    for series in scan.series:
+        folders.setdefault(_common_parent(series.files), []).append(series)
+    for folder, members in folders.items():
+        base = folder.relative_to(root).as_posix() if folder != root else ""
+        for series in members:
+            name = base
+            if len(members) > 1 or not base:
+                own = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{series.series_number or ''}_{series.description}").strip("_")
+                name = f"{base}/{own or series.key}" if base else (own or series.key)
+            out.add(name, LabelInput(folder, series=series, series_uid=series.uid, study_uid=series.study_uid))
+    for file, reason in scan.skipped:
+        if reason.startswith("segmentation (DICOM SEG)"):
+            out.add(split_suffix(file.relative_to(root))[0] if file != root else case_id(file), _file_input(file))
+
+
+def _common_parent(files: list[Path]) -> Path:
+    import os
+
+    return Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
 
 
 def case_id(path: Path) -> str:
@@ -88,7 +239,7 @@ def case_id(path: Path) -> str:
 
 
 def read_label_volume(path: PathLike) -> Volume:
-    """Read a label volume (NIfTI/NRRD/MHA, or a DICOM SEG combined into one label map).
+    """Read a label volume (NIfTI/NRRD/MHA, a DICOM SEG combined into one label map, or a DICOM mask series folder).
 
     Returns:
         A ``kind="label"`` :class:`Volume` with array ``(1, X, Y, Z)``; a DICOM SEG's segment
@@ -101,6 +252,8 @@ def read_label_volume(path: PathLike) -> Volume:
     _, suffix = split_suffix(path)
     if suffix in VOLUME_SUFFIXES:
         volume = load_volume(path, kind="label")
+    elif path.is_dir():
+        volume = load_volume(path, kind="label", allow_4d=False)
     elif path.is_file() and is_dicom_file(path):
         try:
             from medseg.io.dicom_seg import read_dicom_seg
@@ -126,6 +279,27 @@ def names_from_meta(volume: Volume) -> dict[int, str]:
     for key, value in raw.items():
         if str(key).strip().isdigit() and int(key) != 0:
             out[int(key)] = str(value)
+    return out
+
+
+def parse_label_names(text: str) -> dict[int, str]:
+    """``"1=tumour,2=edema"`` -> ``{1: "tumour", 2: "edema"}`` (``--label-names``).
+
+    Raises:
+        ConfigError: An entry is not ``<positive integer>=<name>``, or a value repeats.
+    """
+    out: dict[int, str] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        value, sep, name = entry.partition("=")
+        if not sep or not value.strip().isdigit() or not name.strip() or int(value) == 0:
+            raise ConfigError(f"--label-names: {entry!r} is not <label value>=<name> with a value >= 1 (e.g. 1=tumour)")
+        if int(value) in out:
+            raise ConfigError(f"--label-names: label {int(value)} is named twice")
+        out[int(value)] = name.strip()
+    if not out:
+        raise ConfigError("--label-names: no names given (e.g. 1=tumour,2=edema)")
     return out
 
 

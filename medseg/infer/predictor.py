@@ -234,6 +234,13 @@ class Predictor:
 
     def _check_channels(self, source: Volume) -> None:
         expected = len(self.plan.channels)
+        volumes = int(source.meta.get("num_volumes", 1) or 1)
+        if volumes > 1:  # a 4D DICOM series is never mapped onto model channels implicitly
+            raise ModelError(
+                f"{source.source}: series {source.meta.get('series_key') or ''} has {volumes} volumes (time points, "
+                "diffusion directions or echoes); models take one 3D volume per channel: choose one with "
+                "'<UID>#vol=<n>' (medseg info lists the volumes)"
+            )
         if source.channels != expected:
             raise ModelError(
                 f"{source.source}: model expects {expected} channel(s) "

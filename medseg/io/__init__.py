@@ -93,7 +93,8 @@ def load_volume(
         path: File or folder.
         kind: ``"image"`` or ``"label"`` (labels are checked to be non-negative integers and
             stored in the smallest unsigned dtype, for DICOM series too).
-        allow_4d: Accept a 4th axis of a NIfTI/ITK file as channels; ``False`` requires 3D.
+        allow_4d: Accept a 4th axis of a NIfTI/ITK file, or the volumes of a multi-volume DICOM
+            series, as channels; ``False`` requires 3D.
         tilt: Gantry-tilted DICOM series: ``"error"`` or ``"resample"`` (see :func:`read_dicom_series`).
 
     Returns:
@@ -115,6 +116,12 @@ def load_volume(
     if p.is_file() and not is_dicom_file(p):
         raise InputError(p, f"not a supported volume (suffix {suffix or 'none'}; not DICOM)")
     volume = read_dicom_series(p, tilt=tilt)
+    if volume.channels > 1 and (not allow_4d or kind == "label"):
+        raise InputError(
+            p,
+            f"a multi-volume DICOM series ({volume.channels} volumes: time points, diffusion directions or echoes) "
+            "where one 3D volume is expected; read one volume with series_uid='<UID>#vol=<n>'",
+        )
     if kind == "label":
         volume = Volume(
             array=_as_labels(p, volume.array),

@@ -23,15 +23,21 @@ def add_info_parser(subparsers: Any) -> None:
     """Register ``medseg info INPUT [--json]`` on an argparse sub-parser collection."""
     p = subparsers.add_parser(
         "info",
-        help="series in a DICOM folder (headers only), or the geometry and value range of a volume",
-        description="For a folder: every DICOM image series (key/UID, modality, description, slices, shape, spacing, "
-        "orientation) from headers only; for a file (NIfTI/NRRD/MHA/DICOM): shape, spacing, origin, direction, "
-        "orientation and value range.",
+        help="series in a DICOM folder (headers only), or the geometry and value range of a volume or DICOM SEG",
+        description="For a folder: every DICOM image series (key/UID, modality, description, slices, volumes and "
+        "b-values of multi-volume series, shape, spacing, orientation) from headers only; for a file "
+        "(NIfTI/NRRD/MHA/DICOM): shape, spacing, origin, direction, orientation and value range; for a DICOM SEG: "
+        "its segments (label, coded type, voxels) on the grid of the series it references when found.",
     )
     p.add_argument("input", help="folder, DICOM file or volume file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--headers-only", action="store_true", help="never decode pixels (folders with one series)")
     p.add_argument("--tilt", choices=("error", "resample"), default="error", help="gantry-tilt policy when loading")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="for a DICOM SEG: folder holding the series it references (default: the SEG's own folder)",
+    )
     p.set_defaults(func=_cmd_info)
 
 
@@ -45,10 +51,15 @@ def add_convert_parser(subparsers: Any) -> None:
     """Register ``medseg convert INPUT OUTPUT_DIR`` on an argparse sub-parser collection."""
     p = subparsers.add_parser(
         "convert",
-        help="convert every DICOM series (or NIfTI/NRRD/MHA file) under INPUT to NIfTI + JSON sidecar",
-        description="Every DICOM series found under INPUT (recursively; a single file works too) and every "
-        "NIfTI/NRRD/MHA file becomes OUTPUT_DIR/<name>.nii.gz plus <name>.json (series UID, modality, spacing, "
-        "shape, description, slice issues).",
+        help="convert every DICOM series, DICOM SEG (or NIfTI/NRRD/MHA file) under INPUT to NIfTI + JSON sidecar",
+        description="Every DICOM series found under INPUT (recursively; a single file works too) becomes "
+        "OUTPUT_DIR/<pattern>.nii.gz plus .json (series UID, geometry, slice issues and the BIDS-style acquisition "
+        "fields dcm2niix writes); multi-volume series (fMRI, diffusion, perfusion, multi-echo) become one 4D NIfTI "
+        "(+ .bval/.bvec for diffusion); every DICOM SEG becomes a label NIfTI on the grid of the series it "
+        "references (segment names in the sidecar); NIfTI/NRRD/MHA files keep their names. Pattern placeholders "
+        "(dcm2niix letters): %i patient ID, %t study date+time, %D study date, %s series number (%3s zero-padded), "
+        "%d description, %p protocol, %M modality, %B body part, %m/%v manufacturer, %x study ID, %g accession, "
+        "%u acquisition, %e echo, %z sequence name, %j/%k series/study UID, %f folder, %b file name, %r instance.",
     )
     p.add_argument("input", help="folder, DICOM file or volume file")
     p.add_argument("output_dir", help="output folder (created)")
@@ -63,6 +74,13 @@ def add_convert_parser(subparsers: Any) -> None:
         "--series", action="append", default=None, metavar="UID_OR_KEY", help="only this series (repeatable)"
     )
     p.add_argument("--include-localizers", action="store_true", help="also convert LOCALIZER (scout) images")
+    p.add_argument(
+        "--pattern",
+        default=None,
+        metavar="PATTERN",
+        help="output names of DICOM series and SEGs, '/' for sub-folders (default: %%i/%%t/%%s_%%d = "
+        "patient/study/<series number>_<description>; see the placeholders above)",
+    )
     p.set_defaults(func=_cmd_convert)
 
 

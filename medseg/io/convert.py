@@ -1,17 +1,29 @@
-"""``medseg convert``: every series (and volume file) under an input becomes one NIfTI + JSON sidecar.
+"""``medseg convert``: every series (and volume file, and DICOM SEG) under an input becomes NIfTI + JSON sidecar.
 
-Each output is ``<name>.nii.gz`` plus ``<name>.json`` (series UID and key, modality,
-description, spacing, shape, full geometry, slice issues, source files).  Names come
-from SeriesNumber and SeriesDescription (or the file stem), made unique with a short hash
-of the series key.  Writes are atomic; existing outputs are refused unless ``overwrite``;
-a series that cannot be converted is reported and the others are still converted.
+Each output is ``<name>.nii.gz`` plus ``<name>.json``.  For a DICOM series ``<name>`` comes from
+the ``pattern`` (:mod:`medseg.io.pattern`; default ``%i/%t/%s_%d``: patient / study date-time /
+``<series number>_<description>``); volume files keep their stem at the top of the output
+folder.  Names are sanitised, made unique with a short hash of the series key, and checked to
+stay inside the output folder.
+
+* The sidecar holds medseg's keys (series UID and key, modality, description, spacing, shape,
+  full geometry, slice issues, source files) and the BIDS-style acquisition fields dcm2niix
+  writes (:mod:`medseg.io.bids`: PatientID, StudyDate, RepetitionTime/EchoTime in seconds,
+  MagneticFieldStrength, FlipAngle, Manufacturer, ...).
+* A multi-volume series (fMRI, diffusion, perfusion, multi-echo) is one 4D NIfTI ``(X, Y, Z, V)``;
+  a diffusion series also gets ``<name>.bval`` / ``<name>.bvec`` (:mod:`medseg.io.diffusion`).
+* A DICOM SEG becomes a label NIfTI on the grid of the series it references when that series is
+  under the input (else on the SEG's own frame geometry), with the segment names in the
+  sidecar; overlapping segments follow the overlap policy.
+
+Writes are atomic; existing outputs are refused unless ``overwrite``; a series that cannot be
+converted is reported and the others are still converted.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +36,7 @@ from medseg.errors import InputError, MedsegError, OutputExistsError
 from medseg.io.cli import add_convert_parser
 from medseg.io.dicom import DicomSeries, TiltPolicy, load_series, scan_dicom
 from medseg.io.images import VOLUME_SUFFIXES, read_image_file, split_suffix, write_json_atomic, write_volume
+from medseg.io.pattern import DEFAULT_PATTERN, check_pattern, expand_pattern, safe_component
 from medseg.io.volume import Volume
 from medseg.types import PathLike
 
@@ -32,17 +45,21 @@ __all__ = ["ConvertItem", "add_convert_parser", "convert", "plan_conversion", "r
 
 @dataclass
 class ConvertItem:
-    """One thing to convert: a DICOM series or a volume file.
+    """One thing to convert: a DICOM series, a volume file or a DICOM SEG.
 
     Attributes:
-        name: Output name (without suffix), unique within the output folder.
-        series: The DICOM series, or ``None`` for a volume file.
-        path: The volume file, or ``None`` for a DICOM series.
+        name: Output name (without suffix, ``/`` between sub-folders), unique within the output folder.
+        series: The DICOM series, or ``None``.
+        path: The volume file or SEG file, or ``None`` for a DICOM series.
+        seg: True when ``path`` is a DICOM SEG.
+        reference: For a SEG, the series it references when the input holds it.
     """
 
     name: str
     series: DicomSeries | None = None
     path: Path | None = None
+    seg: bool = False
+    reference: DicomSeries | None = None
 
     @property
     def label(self) -> str:
@@ -52,36 +69,70 @@ class ConvertItem:
         return str(self.path)
 
 
+def _header(path: Path) -> Any:
+    import warnings
+
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:
+        return {}
+
+
 def plan_conversion(
-    source: PathLike, *, include_localizers: bool = False
+    source: PathLike, *, include_localizers: bool = False, pattern: str = DEFAULT_PATTERN
 ) -> tuple[list[ConvertItem], list[tuple[Path, str]]]:
     """Find what ``source`` holds (headers only) and name the outputs.
 
     Args:
         source: A folder (searched recursively), a DICOM file or a NIfTI/NRRD/MHA file.
         include_localizers: Also convert LOCALIZER images.
+        pattern: Output names of DICOM series and SEGs (:mod:`medseg.io.pattern`).
 
     Returns:
         ``(items, skipped)``: the items in a stable order, and ``(file, reason)`` for ignored files.
 
     Raises:
         InputError: ``source`` does not exist.
+        ConfigError: Invalid ``pattern``.
     """
+    check_pattern(pattern)
     source = Path(source)
     if not source.exists():
         raise InputError(source, "no such file or folder")
     if source.is_file() and split_suffix(source)[1] in VOLUME_SUFFIXES:
         return [ConvertItem(name=_safe(split_suffix(source)[0]) or "volume", path=source)], []
     scan = scan_dicom(source, include_localizers=include_localizers)
-    items = [ConvertItem(name=_series_name(s), series=s) for s in scan.series]
+    items = [ConvertItem(name=_series_name(s, pattern), series=s) for s in scan.series]
+    by_uid: dict[str, list[DicomSeries]] = {}
+    for series in scan.series:
+        by_uid.setdefault(series.uid, []).append(series)
     skipped: list[tuple[Path, str]] = []
     for path, reason in scan.skipped:
         stem, suffix = split_suffix(path)
         if suffix in VOLUME_SUFFIXES:
             items.append(ConvertItem(name=_safe(stem) or "volume", path=path))
+        elif reason.startswith("segmentation (DICOM SEG)"):
+            items.append(_seg_item(path, pattern, by_uid))
         elif not (suffix == ".raw" and path.with_suffix(".mhd").exists()):
             skipped.append((path, reason))
     return _unique_names(items), skipped
+
+
+def _seg_item(path: Path, pattern: str, by_uid: dict[str, list[DicomSeries]]) -> ConvertItem:
+    from medseg.io.dicom_seg import referenced_series_uid
+
+    uid = referenced_series_uid(path)
+    found = [s for s in by_uid.get(uid or "", []) if s.num_volumes == 1] if uid else []
+    return ConvertItem(
+        name=expand_pattern(pattern, _header(path), first_file=path),
+        path=path,
+        seg=True,
+        reference=found[0] if len(found) == 1 else None,
+    )
 
 
 def convert(
@@ -93,26 +144,35 @@ def convert(
     include_localizers: bool = False,
     select: list[str] | None = None,
     log: Any = None,
+    pattern: str = DEFAULT_PATTERN,
+    overlap: str = "smaller",
+    reference: PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Convert every DICOM series and volume file under ``source`` to NIfTI in ``out_dir``.
+    """Convert every DICOM series, DICOM SEG and volume file under ``source`` to NIfTI in ``out_dir``.
 
     Args:
-        source: Folder, DICOM file or NIfTI/NRRD/MHA file.
+        source: Folder, DICOM file (image or SEG) or NIfTI/NRRD/MHA file.
         out_dir: Output folder (created).
         overwrite: Replace existing outputs.
         tilt: Gantry-tilt policy for DICOM series (``"error"`` or ``"resample"``).
         include_localizers: Also convert LOCALIZER images.
         select: Only these series (UID or key) / file names.
         log: Called with each finished item's record (see Returns), or ``None``.
+        pattern: Output names of DICOM series and SEGs (:mod:`medseg.io.pattern`).
+        overlap: Overlapping SEG segments: ``smaller`` (default), ``later``, ``error`` or ``separate``.
+        reference: Where to look for the series a SEG references when ``source`` does not hold it
+            (a folder, searched recursively).
 
     Returns:
         One record per item: ``name``, ``status`` (``"done"``/``"failed"``), ``output``,
-        ``sidecar``, ``error``, ``seconds``, ``series_key``, ``slice_issues``.
+        ``sidecar``, ``error``, ``seconds``, ``series_key``, ``slice_issues`` (and ``bval``/``bvec``
+        for diffusion series).
 
     Raises:
         InputError: ``source`` is missing or holds nothing convertible.
+        ConfigError: Invalid ``pattern``.
     """
-    items, skipped = plan_conversion(source, include_localizers=include_localizers)
+    items, skipped = plan_conversion(source, include_localizers=include_localizers, pattern=pattern)
     if select:
         wanted = set(select)
         items = [
@@ -130,16 +190,28 @@ def convert(
     out = Path(out_dir)
     records = []
     for item in items:
-        record = _convert_one(item, out, overwrite=overwrite, tilt=tilt)
+        if item.seg:
+            record = _convert_seg(item, out, overwrite=overwrite, overlap=overlap, search=reference)
+        else:
+            record = _convert_one(item, out, overwrite=overwrite, tilt=tilt)
         records.append(record)
         if log is not None:
             log(record)
     return records
 
 
+def _targets(out: Path, name: str, *suffixes: str) -> list[Path]:
+    """``out/<name><suffix>`` for each suffix, refused when it would leave ``out``."""
+    root = out.resolve()
+    paths = [out / f"{name}{suffix}" for suffix in suffixes]
+    for path in paths:
+        resolved = path.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise MedsegError(f"{path}: output name escapes the output folder {out}")
+    return paths
+
+
 def _convert_one(item: ConvertItem, out: Path, *, overwrite: bool, tilt: TiltPolicy) -> dict[str, Any]:
-    target = out / f"{item.name}.nii.gz"
-    sidecar = out / f"{item.name}.json"
     record: dict[str, Any] = {
         "name": item.name,
         "source": str(item.path) if item.path is not None else None,
@@ -152,7 +224,9 @@ def _convert_one(item: ConvertItem, out: Path, *, overwrite: bool, tilt: TiltPol
         "seconds": 0.0,
     }
     start = time.perf_counter()
+    written: list[Path] = []
     try:
+        target, sidecar, bval, bvec = _targets(out, item.name, ".nii.gz", ".json", ".bval", ".bvec")
         for path in (target, sidecar):
             if path.exists() and not overwrite:
                 raise OutputExistsError(path)
@@ -161,15 +235,81 @@ def _convert_one(item: ConvertItem, out: Path, *, overwrite: bool, tilt: TiltPol
         else:
             volume = read_image_file(item.path)  # type: ignore[arg-type]
         info = _sidecar(item, volume)
-        volume = Volume(array=_compact(volume.array), geometry=volume.geometry, kind=volume.kind, source=volume.source)
-        write_volume(volume, target, overwrite=overwrite)
+        diffusion = volume.meta.get("b_values") is not None
+        compact = Volume(array=_compact(volume.array), geometry=volume.geometry, kind=volume.kind, source=volume.source)
         try:
+            if diffusion:
+                from medseg.io.diffusion import write_bval_bvec
+
+                written += write_bval_bvec(volume, out / item.name, overwrite=overwrite)
+            write_volume(compact, target, overwrite=overwrite)
+            written.append(target)
             write_json_atomic(sidecar, info, overwrite=overwrite)
         except BaseException:
-            target.unlink(missing_ok=True)  # no half-written pair
+            for path in written:
+                path.unlink(missing_ok=True)  # no half-written set
             raise
         record.update(status="done", output=str(target), sidecar=str(sidecar), slice_issues=info["slice_issues"])
+        if diffusion:
+            record.update(bval=str(bval), bvec=str(bvec))
         record["source"] = info["source"]
+    except MedsegError as exc:
+        record["error"] = str(exc)
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def _convert_seg(
+    item: ConvertItem, out: Path, *, overwrite: bool, overlap: str, search: PathLike | None
+) -> dict[str, Any]:
+    """A DICOM SEG -> label NIfTI on its referenced series' grid (else its own frames) + sidecar with segments."""
+    from medseg.io.annotations import write_label_maps
+    from medseg.io.dicom_seg import find_reference, read_dicom_seg
+
+    assert item.path is not None
+    record: dict[str, Any] = {
+        "name": item.name,
+        "source": str(item.path),
+        "series_key": None,
+        "status": "failed",
+        "output": None,
+        "sidecar": None,
+        "error": None,
+        "slice_issues": [],
+        "seconds": 0.0,
+    }
+    start = time.perf_counter()
+    try:
+        target, sidecar = _targets(out, item.name, ".nii.gz", ".json")
+        reference = None
+        if item.reference is not None:
+            reference = load_series(item.reference, dtype="native")
+        elif search is not None:
+            reference = find_reference(item.path, search)
+        grid = "referenced series" if reference is not None else "SEG frames"
+        try:
+            labels = read_dicom_seg(item.path, reference=reference, overlap=overlap)
+        except InputError:
+            if reference is None:
+                raise
+            labels, grid = read_dicom_seg(item.path, overlap=overlap), "SEG frames (not on the referenced grid)"
+        meta = labels.meta
+        names = meta.get("label_names") or {int(k): str(v) for k, v in meta.get("segment_labels", {}).items()}
+        extra = {
+            "source": str(item.path),
+            "grid": grid,
+            "reference_source": reference.source if reference is not None and grid == "referenced series" else None,
+            "seg_series_uid": meta.get("series_uid"),
+            "seg_sop_instance_uid": meta.get("sop_instance_uid"),
+            "referenced_series_uid": meta.get("referenced_series_uid"),
+            "segmentation_type": meta.get("segmentation_type"),
+            "segments": meta.get("segments"),
+            "overlap_policy": meta.get("overlap_policy") or (overlap if labels.channels > 1 else None),
+        }
+        if labels.channels > 1:
+            extra["channels"] = [names.get(int(n), str(n)) for n in meta.get("segment_labels", {})]
+        write_label_maps(labels, target, label_names=names, sidecar=extra, overwrite=overwrite)
+        record.update(status="done", output=str(target), sidecar=str(sidecar))
     except MedsegError as exc:
         record["error"] = str(exc)
     record["seconds"] = round(time.perf_counter() - start, 3)
@@ -204,6 +344,13 @@ def _sidecar(item: ConvertItem, volume: Volume) -> dict[str, Any]:
     }
     if item.series is None and "sidecar" in meta:
         data["input_sidecar"] = meta["sidecar"]
+    if meta.get("num_volumes"):
+        data["num_volumes"] = meta["num_volumes"]
+        data["volumes"] = [{k: v for k, v in entry.items() if k != "files"} for entry in meta["volumes"]]
+    if item.series is not None:
+        from medseg.io.bids import acquisition_fields
+
+        data.update(acquisition_fields(volume))
     from medseg import __version__
 
     data["converted_by"] = f"medseg {__version__}"
@@ -225,20 +372,16 @@ def _compact(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _series_name(series: DicomSeries) -> str:
-    parts = []
-    if series.series_number is not None:
-        parts.append(f"{series.series_number:03d}" if series.series_number >= 0 else str(series.series_number))
-    description = _safe(series.description) or _safe(series.modality) or "series"
-    parts.append(description)
-    if "#" in series.key:
-        parts.append(_safe(series.key.split("#", 1)[1]))
-    return "_".join(p for p in parts if p)
+def _series_name(series: DicomSeries, pattern: str) -> str:
+    first = series.files[0] if series.files else None
+    name = expand_pattern(pattern, _header(first) if first is not None else {}, first_file=first)
+    if "#" in series.key:  # sub-series of one UID (other size, orientation, image type, ...)
+        name += "_" + (_safe(series.key.split("#", 1)[1]) or "part")
+    return name
 
 
 def _safe(text: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9.+-]+", "_", text.strip()).strip("._")
-    return cleaned[:80]
+    return safe_component(text)
 
 
 def _unique_names(items: list[ConvertItem]) -> list[ConvertItem]:
@@ -282,6 +425,9 @@ def run_convert(args: argparse.Namespace) -> int:
         include_localizers=args.include_localizers,
         select=args.series,
         log=_print_record,
+        pattern=getattr(args, "pattern", None) or DEFAULT_PATTERN,
+        overlap=getattr(args, "overlap_policy", None) or "smaller",
+        reference=getattr(args, "reference", None),
     )
     failed = sum(r["status"] != "done" for r in records)
     print(f"{len(records) - failed} converted to {args.output_dir}, {failed} failed")

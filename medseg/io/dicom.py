@@ -17,8 +17,11 @@ straight from the byte offset recorded during discovery (no second header parse)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import io
+import itertools
 import os
 import re
 import struct
@@ -58,11 +61,12 @@ __all__ = [
 TiltPolicy = Literal["error", "resample"]
 OutputDtype = Literal["float32", "native"]
 
+_VOLUME_SUFFIX = re.compile(r"#vol=(\d+)$")  # one volume of a multi-volume series, 1-based
 _ORIENTATION_TOLERANCE = 1e-3  # max difference of direction cosines within one stack
 _HEADER_CHUNK = 65536  # bytes read at once per file during discovery (most headers are far smaller)
 
 #: Header elements read during discovery (everything else is skipped unparsed).
-_HEADER_TAGS: list[str] = [
+_HEADER_TAGS: list[Any] = [
     "SOPClassUID",
     "SOPInstanceUID",
     "StudyInstanceUID",
@@ -103,6 +107,11 @@ _HEADER_TAGS: list[str] = [
     "RescaleIntercept",
     "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
+    "DiffusionBValue",
+    "DiffusionGradientOrientation",
+    (0x0019, 0x0010),  # private creator of the Siemens MR header block
+    (0x0019, 0x100C),  # SIEMENS MR HEADER B_value
+    (0x0019, 0x100E),  # SIEMENS MR HEADER DiffusionGradientDirection
 ]
 
 #: SOP classes that are not image volumes even when they carry pixel data.
@@ -111,6 +120,7 @@ _NON_IMAGE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.88": "structured report",
     "1.2.840.10008.5.1.4.1.1.11": "presentation state",
     "1.2.840.10008.5.1.4.1.1.66.4": "segmentation (DICOM SEG)",
+    "1.2.840.10008.5.1.4.1.1.66.7": "segmentation (DICOM SEG)",  # label map segmentation
     "1.2.840.10008.5.1.4.1.1.66": "raw data, registration, fiducials or surface",
     "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set (RTSTRUCT)",
     "1.2.840.10008.5.1.4.1.1.481.2": "RT dose",
@@ -165,6 +175,10 @@ class DicomFrame:
         temporal: Temporal position (splits series only into full volumes).
         image_type: ImageType / FrameType values.
         stack: Enhanced multi-frame StackID.
+        volume: Index of the volume (time point, diffusion direction, echo) the frame belongs to
+            in a multi-volume series (0 otherwise; set when the series is grouped).
+        b_value: Diffusion b-value in s/mm², if the header has one.
+        gradient: Diffusion gradient direction (unit vector, LPS patient axes), if any.
     """
 
     path: Path
@@ -184,6 +198,9 @@ class DicomFrame:
     temporal: str = ""
     image_type: tuple[str, ...] = ()
     stack: str = ""
+    volume: int = 0
+    b_value: float | None = None
+    gradient: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -243,6 +260,29 @@ class DicomSeries:
         if along is None:
             return len(self.frames)
         return len(_unique_sorted(along))
+
+    @property
+    def num_volumes(self) -> int:
+        """Number of volumes (time points, diffusion directions, echoes) of a multi-volume series; 1 for 3D."""
+        return 1 + max((f.volume for f in self.frames), default=0)
+
+    @property
+    def volume_b_values(self) -> list[float | None]:
+        """Diffusion b-value of each volume (``None`` where the headers have none)."""
+        out: list[float | None] = [None] * self.num_volumes
+        for frame in self.frames:
+            if out[frame.volume] is None:
+                out[frame.volume] = frame.b_value
+        return out
+
+    @property
+    def volume_gradients(self) -> list[tuple[float, float, float] | None]:
+        """Diffusion gradient direction of each volume (unit vector, LPS; ``None`` for b = 0 / none)."""
+        out: list[tuple[float, float, float] | None] = [None] * self.num_volumes
+        for frame in self.frames:
+            if out[frame.volume] is None:
+                out[frame.volume] = frame.gradient
+        return out
 
     @property
     def rows(self) -> int:
@@ -322,6 +362,8 @@ class DicomSeries:
             "num_files": len(self.files),
             "num_frames": len(self.frames),
             "num_slices": self.num_slices,
+            "num_volumes": self.num_volumes,
+            "b_values": self.volume_b_values if any(b is not None for b in self.volume_b_values) else None,
             "rows": self.rows,
             "cols": self.cols,
             "shape": list(self.shape),
@@ -333,6 +375,30 @@ class DicomSeries:
             "mosaic": self.mosaic,
             "multiframe": self.multiframe,
         }
+
+    def select_volume(self, number: int) -> DicomSeries:
+        """The series of one volume of a multi-volume series, keyed ``<key>#vol=<number>``.
+
+        Args:
+            number: 1-based volume number (as ``medseg info`` counts them).
+
+        Raises:
+            InputError: No such volume.
+        """
+        if not 1 <= number <= self.num_volumes:
+            raise InputError(
+                self.files[0] if self.files else self.key,
+                f"series {self.key} has {self.num_volumes} volume(s); there is no volume {number}",
+            )
+        frames = [dataclasses.replace(f, volume=0) for f in self.frames if f.volume == number - 1]
+        files = sorted({f.path for f in frames})
+        return dataclasses.replace(
+            self,
+            key=f"{self.key}#vol={number}",
+            frames=frames,
+            files=files,
+            layouts={p: self.layouts[p] for p in files if p in self.layouts},
+        )
 
     def _along_normal(self) -> np.ndarray | None:
         if not self.frames or any(f.position is None or f.orientation is None for f in self.frames):
@@ -699,10 +765,14 @@ def _frames(path: Path, ds: Any, *, mosaic: bool, include_localizers: bool) -> t
         "temporal": _str(ds.get("TemporalPositionIdentifier")),
         "image_type": tuple(str(v).upper() for v in _as_list(ds.get("ImageType"))),
     }
+    common["b_value"], common["gradient"] = _diffusion(ds)
     if mosaic:
-        from medseg.io.mosaic import mosaic_layout
+        from medseg.io.mosaic import mosaic_diffusion, mosaic_layout
 
-        layout = mosaic_layout(ds.ds if isinstance(ds, _FastHeader) else ds, path)
+        raw = ds.ds if isinstance(ds, _FastHeader) else ds
+        layout = mosaic_layout(raw, path)
+        if common["b_value"] is None:
+            common["b_value"], common["gradient"] = mosaic_diffusion(raw)
         iop = _floats(ds.get("ImageOrientationPatient"), 6)
         spacing = _floats(ds.get("PixelSpacing"), 2)
         slope, intercept = _rescale(ds)
@@ -773,6 +843,7 @@ def _enhanced_frames(
         content = group("FrameContentSequence")
         frame_type_item = group("CTImageFrameTypeSequence") or group("MRImageFrameTypeSequence")
         echo_item = group("MREchoSequence")
+        diffusion_item = group("MRDiffusionSequence")
         position = _floats(pos_item.get("ImagePositionPatient"), 3) if pos_item is not None else None
         if position is None and n_frames == 1:
             position = top_position
@@ -794,6 +865,8 @@ def _enhanced_frames(
         fields["image_type"] = frame_type
         if echo_item is not None and echo_item.get("EffectiveEchoTime") is not None:
             fields["echo"] = f"{float(echo_item.EffectiveEchoTime):g}ms"
+        if diffusion_item is not None:
+            fields["b_value"], fields["gradient"] = _diffusion(diffusion_item)
         if content is not None:
             fields["temporal"] = _str(content.get("TemporalPositionIndex")) or fields["temporal"]
             stack = _str(content.get("StackID"))
@@ -824,6 +897,64 @@ def _rescale(source: Any) -> tuple[float, float]:
     return (slope if slope not in (None, 0.0) else 1.0), (intercept if intercept is not None else 0.0)  # type: ignore[return-value]
 
 
+def _diffusion(ds: Any) -> tuple[float | None, tuple[float, float, float] | None]:
+    """``(b-value, gradient direction)`` from a header or an MRDiffusionSequence item.
+
+    Standard attributes first (DiffusionBValue, DiffusionGradientOrientation, directly or in a
+    DiffusionGradientDirectionSequence), then the Siemens MR header (0019,100C / 0019,100E).
+    A zero or missing gradient is ``None``; directions are normalised to unit length.
+    """
+    b_value = _float_or_none(ds.get("DiffusionBValue"))
+    gradient = _floats(ds.get("DiffusionGradientOrientation"), 3)
+    if gradient is None and "DiffusionGradientDirectionSequence" in ds:
+        items = ds.get("DiffusionGradientDirectionSequence") or []
+        if len(items):
+            gradient = _floats(items[0].get("DiffusionGradientOrientation"), 3)
+    if b_value is None and _siemens_creator(ds):
+        raw = ds.ds if isinstance(ds, _FastHeader) else ds
+        b_value = _private_number(raw.get((0x0019, 0x100C)))
+        if gradient is None:
+            gradient = _private_vector(raw.get((0x0019, 0x100E)))
+    return b_value, _unit(gradient)
+
+
+def _siemens_creator(ds: Any) -> bool:
+    raw = ds.ds if isinstance(ds, _FastHeader) else ds
+    try:
+        creator = raw.get((0x0019, 0x0010))
+    except Exception:
+        return False
+    value = getattr(creator, "value", None)
+    if isinstance(value, bytes):
+        value = value.decode("latin-1", "replace")
+    return str(value or "").strip(" \x00").upper() == "SIEMENS MR HEADER"
+
+
+def _private_number(elem: Any) -> float | None:
+    value = getattr(elem, "value", None)
+    if isinstance(value, bytes):  # implicit VR / UN: the IS text
+        value = value.decode("latin-1", "replace").strip(" \x00")
+    return _float_or_none(value)
+
+
+def _private_vector(elem: Any) -> tuple[float, ...] | None:
+    value = getattr(elem, "value", None)
+    if isinstance(value, bytes):  # implicit VR / UN: three little-endian doubles
+        if len(value) != 24:
+            return None
+        value = list(struct.unpack("<3d", value))
+    return _floats(value, 3)
+
+
+def _unit(vector: tuple[float, ...] | None) -> tuple[float, float, float] | None:
+    if vector is None:
+        return None
+    norm = float(np.linalg.norm(vector))
+    if norm < 1e-6:
+        return None
+    return (vector[0] / norm, vector[1] / norm, vector[2] / norm)
+
+
 def _shared_slice_thickness(ds: Any) -> float | None:
     shared = ds.get("SharedFunctionalGroupsSequence")
     if shared and "PixelMeasuresSequence" in shared[0] and len(shared[0].PixelMeasuresSequence):
@@ -845,17 +976,19 @@ def _group(headers: list[_FileHeader]) -> list[DicomSeries]:
         lookup = {h.path: h for h in group}
         for key, part_frames in keyed:
             series.append(_make_series(key, part_frames, lookup))
-    series.sort(key=lambda s: (s.patient_id, s.study_date, s.study_uid, s.series_number or 0, s.key))
+    series.sort(key=lambda s: (s.patient_id, s.study_date, s.study_uid, s.series_number or 0, _natural_key(s.key)))
     return series
 
 
 def _split(frames: list[DicomFrame]) -> list[tuple[dict[str, str], list[DicomFrame]]]:
-    """Split a UID's frames into stacks that can each form one volume.
+    """Split a UID's frames into stacks that can each form one (3D or 4D) volume.
 
-    Always split by orientation, image size, pixel spacing, echo and stack ID.  Acquisition
-    number, temporal position and image type split a stack only when it has repeated slice
-    positions and the split gives several full volumes (some scanners increment
-    AcquisitionNumber per slice: those stay together).
+    Always split by orientation, image size, pixel spacing and stack ID.  A stack with repeated
+    slice positions is a multi-volume series when echo, temporal position, acquisition number
+    and/or diffusion b-value/direction divide it into volumes on one set of positions: it stays
+    one series and its frames get their volume index (:func:`_volumes`).  Parts on different
+    positions become separate series; image type (magnitude/phase, derived maps) always
+    separates.  Echoes without repeated positions are separate series.
     """
     hard: dict[tuple[Any, ...], list[DicomFrame]] = defaultdict(list)
     orientations: list[np.ndarray] = []
@@ -866,40 +999,125 @@ def _split(frames: list[DicomFrame]) -> list[tuple[dict[str, str], list[DicomFra
                 frame.rows,
                 frame.cols,
                 _spacing_key(frame),
-                frame.echo,
                 frame.stack,
             )
         ].append(frame)
     parts: list[tuple[dict[str, str], list[DicomFrame]]] = []
-    for (orient, rows, cols, spacing, echo, stack), stack_frames in sorted(hard.items(), key=lambda kv: str(kv[0])):
-        base = {
-            "orient": str(orient),
-            "size": f"{cols}x{rows}",
-            "spacing": spacing,
-            "echo": echo,
-            "stack": stack,
-        }
+    for (orient, rows, cols, spacing, stack), stack_frames in sorted(hard.items(), key=lambda kv: str(kv[0])):
+        base = {"orient": str(orient), "size": f"{cols}x{rows}", "spacing": spacing, "stack": stack}
         for extra, sub in _split_repeated(stack_frames):
             parts.append(({**base, **extra}, sub))
     return parts
 
 
+#: Attributes that tell the volumes of a multi-volume stack apart, in the order volumes are sorted by.
+_VOLUME_KEYS: dict[str, Any] = {
+    "echo": lambda f: f.echo,
+    "time": lambda f: f.temporal,
+    "acq": lambda f: f.acquisition,
+    "dwi": lambda f: "" if f.b_value is None else f"b{f.b_value:g}" + _gradient_text(f.gradient),
+}
+
+
+def _gradient_text(gradient: tuple[float, float, float] | None) -> str:
+    return "" if gradient is None else "g" + ",".join(f"{v:.4f}" for v in gradient)
+
+
 def _split_repeated(frames: list[DicomFrame]) -> list[tuple[dict[str, str], list[DicomFrame]]]:
+    echoes = {f.echo for f in frames}
     if not _has_repeated_positions(frames):
+        if len(echoes) > 1:  # echoes on different positions: one series per echo
+            groups = _group_by(frames, _VOLUME_KEYS["echo"])
+            return [({"echo": value}, groups[value]) for value in sorted(groups, key=_natural_key)]
         return [({}, frames)]
-    for name, getter in (
-        ("acq", lambda f: f.acquisition),
-        ("time", lambda f: f.temporal),
-        ("type", lambda f: "\\".join(f.image_type)),
-    ):
-        groups: dict[str, list[DicomFrame]] = defaultdict(list)
-        for frame in frames:
-            groups[getter(frame)].append(frame)
-        if len(groups) < 2:
-            continue
-        if all(len(g) >= 2 and not _has_repeated_positions(g) for g in groups.values()):
-            return [({name: value}, groups[value]) for value in sorted(groups, key=_natural_key)]
+    types = _group_by(frames, lambda f: "\\".join(f.image_type))
+    if len(types) > 1 and all(len(g) >= 2 for g in types.values()):
+        return [
+            ({"type": value, **extra}, sub)
+            for value in sorted(types, key=_natural_key)
+            for extra, sub in _split_repeated(types[value])
+        ]
+    varying = [name for name, getter in _VOLUME_KEYS.items() if len({getter(f) for f in frames}) > 1]
+    for size in range(len(varying), 0, -1):
+        for names in itertools.combinations(varying, size):
+            groups = _group_by(frames, functools.partial(_volume_key, names=names))
+            if any(_has_repeated_positions(g) for g in groups.values()):
+                continue
+            ordered = sorted(groups.values(), key=functools.partial(_volume_order, names=names))
+            if _same_positions(ordered):
+                return [({}, _numbered(ordered))]
+            if all(len(g) >= 2 for g in ordered):
+                return [({n: _VOLUME_KEYS[n](g[0]) or "-" for n in names}, g) for g in ordered]
+    by_instance = _volumes_by_instance(frames, varying)
+    if by_instance is not None:
+        return [({}, _numbered(by_instance))]
     return [({}, frames)]
+
+
+def _volumes_by_instance(frames: list[DicomFrame], varying: list[str]) -> list[list[DicomFrame]] | None:
+    """Volumes as the k-th frame by InstanceNumber at every position (as dcm2niix orders them).
+
+    Used when the volume attributes vary but repeat (two b = 0 volumes of a diffusion series
+    with one AcquisitionNumber): every position must hold the same number of frames with
+    distinct instance numbers, and each resulting volume must be constant in the attributes
+    that vary.  Plain duplicates (nothing varies) stay duplicates.
+    """
+    if not varying or any(f.instance is None for f in frames):
+        return None
+    iop = np.asarray(frames[0].orientation, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    along = np.array([f.position for f in frames], dtype=np.float64) @ normal
+    order = np.argsort(along, kind="stable")
+    positions: list[list[DicomFrame]] = []
+    last = None
+    for index in order:
+        if last is None or along[index] - last >= 1e-3:
+            positions.append([])
+        positions[-1].append(frames[index])
+        last = along[index]
+    count = len(positions[0])
+    if count < 2 or any(len(p) != count or len({f.instance for f in p}) != count for p in positions):
+        return None
+    volumes: list[list[DicomFrame]] = [[] for _ in range(count)]
+    for at_position in positions:
+        for rank, frame in enumerate(sorted(at_position, key=lambda f: f.instance or 0)):
+            volumes[rank].append(frame)
+    for volume in volumes:
+        if any(len({_VOLUME_KEYS[n](f) for f in volume}) > 1 for n in varying):
+            return None
+    return volumes
+
+
+def _volume_key(frame: DicomFrame, *, names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_VOLUME_KEYS[n](frame) for n in names)
+
+
+def _group_by(frames: list[DicomFrame], key: Any) -> dict[Any, list[DicomFrame]]:
+    groups: dict[Any, list[DicomFrame]] = defaultdict(list)
+    for frame in frames:
+        groups[key(frame)].append(frame)
+    return groups
+
+
+def _volume_order(frames: list[DicomFrame], *, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """Numeric order of volumes: echo, temporal position, acquisition, first instance number, diffusion."""
+    head = [_natural_key(_VOLUME_KEYS[n](frames[0])) for n in ("echo", "time", "acq") if n in names]
+    first = min((f.instance for f in frames if f.instance is not None), default=0)
+    return (*head, first, _natural_key(_VOLUME_KEYS["dwi"](frames[0])))
+
+
+def _same_positions(groups: list[list[DicomFrame]]) -> bool:
+    """True if every group has the same slice positions along the normal (1e-3 mm): the volumes share a grid."""
+    iop = np.asarray(groups[0][0].orientation, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    reference = None
+    for group in groups:
+        along = np.sort(np.array([f.position for f in group], dtype=np.float64) @ normal)
+        if reference is None:
+            reference = along
+        elif along.shape != reference.shape or not np.allclose(along, reference, atol=1e-3, rtol=0):
+            return False
+    return True
 
 
 def _has_repeated_positions(frames: list[DicomFrame]) -> bool:
@@ -909,6 +1127,11 @@ def _has_repeated_positions(frames: list[DicomFrame]) -> bool:
     along = np.array([f.position for f in frames], dtype=np.float64) @ np.cross(iop[:3], iop[3:])
     along.sort()
     return bool(np.any(np.diff(along) < 1e-3))
+
+
+def _numbered(groups: list[list[DicomFrame]]) -> list[DicomFrame]:
+    """The frames of all volumes, each carrying its volume index."""
+    return [dataclasses.replace(f, volume=index) for index, group in enumerate(groups) for f in group]
 
 
 def _orientation_index(frame: DicomFrame, known: list[np.ndarray]) -> int:
@@ -987,7 +1210,8 @@ def read_dicom_series(
         source: A folder holding the series (searched recursively) or a single file
             (one slice, a multi-frame image or a Siemens mosaic).
         series_uid: Which series to read when the folder holds several: a SeriesInstanceUID
-            or a :attr:`DicomSeries.key` (needed when one UID was split into sub-series).
+            or a :attr:`DicomSeries.key` (needed when one UID was split into sub-series); a
+            ``#vol=<n>`` suffix reads only volume ``n`` (1-based) of a multi-volume series.
         tilt: ``"error"`` (default) rejects gantry-tilted (sheared) stacks; ``"resample"``
             shifts each slice in-plane onto an orthogonal grid (linear interpolation).
         include_localizers: Also consider LOCALIZER images.
@@ -997,7 +1221,9 @@ def read_dicom_series(
     Returns:
         ``Volume`` with array ``(1, X, Y, Z)`` float32 (rescale slope/intercept applied),
         X along the rows' direction (``ImageOrientationPatient[:3]``), Z along the slice
-        normal; ``meta`` has the UIDs, the slice files in Z order and ``slice_issues``.
+        normal; ``meta`` has the UIDs, the slice files in Z order and ``slice_issues``.  A
+        multi-volume series (fMRI, diffusion, perfusion, multi-echo) gives ``(V, X, Y, Z)``,
+        one channel per volume (:func:`medseg.io.dicom_stack.stack_volumes`).
 
     Raises:
         InputError: Nothing readable, no or several series, missing geometry tags,
@@ -1009,7 +1235,11 @@ def read_dicom_series(
         raise InputError(source, "no such file or folder")
     scan = scan_dicom(source, include_localizers=include_localizers)
     candidates = scan.series
+    volume: int | None = None
     if series_uid is not None:
+        match = _VOLUME_SUFFIX.search(series_uid)
+        if match is not None:
+            volume, series_uid = int(match.group(1)), series_uid[: match.start()]
         exact = [s for s in candidates if s.key == series_uid]
         candidates = exact or [s for s in candidates if s.uid == series_uid]
     if not candidates:
@@ -1022,7 +1252,10 @@ def read_dicom_series(
             f"{s.key or '<empty>'} ({s.modality} '{s.description}', {s.num_slices} slices)" for s in candidates
         )
         raise InputError(source, f"contains {len(candidates)} series: {listing}; choose one with series_uid")
-    return load_series(candidates[0], tilt=tilt, source=source, dtype=dtype)
+    series = candidates[0]
+    if volume is not None:
+        series = series.select_volume(volume)
+    return load_series(series, tilt=tilt, source=source, dtype=dtype)
 
 
 def load_series(

@@ -12,6 +12,17 @@ patient/study modules copied from the source).  What medseg adds:
   a SEG must reference its source instances, study and frame of reference by UID;
 * segment labels and coded categories come from the model's label names (see
   :func:`coded_property`);
+* within-tolerance orientation / pixel-spacing jitter between the source slices (which the
+  loader accepts, e.g. ImageOrientationPatient differing by 1e-7 in TCIA exports) is
+  normalised on copies of the headers before highdicom, which requires exact equality, sees
+  it (:func:`normalise_source_headers`, tolerances shared with :mod:`medseg.io.dicom_stack`);
+* failures are :class:`~medseg.errors.ExportError` / :class:`~medseg.errors.GeometryError`
+  naming the *series* (patient, study date, series number, description), never the output
+  path, which may be a temporary file;
+* pixel data is compressed losslessly by default: JPEG 2000 for BINARY (the only encapsulated
+  syntax highdicom offers for 1-bit frames; passes ``dciodvfy``), JPEG-LS for LABELMAP;
+  ``compression="none"``/``"deflate"``/``"rle"``/``"jpeg2000"`` choose otherwise (sizes and
+  times: ``docs/benchmarks.md``, "DICOM SEG size");
 * the file is written atomically (:func:`medseg.io.atomic_path`).
 
 Segmentation type: ``"binary"`` (default) or ``"labelmap"``.  LABELMAP (Label Map
@@ -27,6 +38,7 @@ Segment numbers are ``1..N`` in ascending label value order; when the label valu
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -39,21 +51,37 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from medseg.errors import GeometryError, InputError, MedsegError
+from medseg.errors import ExportError, GeometryError, InputError, MedsegError
 from medseg.io.dicom import is_dicom_file
+from medseg.io.dicom_stack import (
+    ORIENTATION_ATOL,
+    PIXEL_SPACING_ATOL,
+    PIXEL_SPACING_RTOL,
+    SLICE_GRID_TOLERANCE,
+)
 from medseg.io.images import atomic_path
 from medseg.io.volume import Geometry, Volume, label_dtype
 from medseg.types import PathLike
 
 __all__ = [
+    "SEG_COMPRESSIONS",
+    "SegCompression",
     "SegmentationType",
     "coded_property",
+    "find_reference",
+    "is_dicom_seg",
+    "normalise_source_headers",
     "read_dicom_seg",
+    "referenced_series_uid",
+    "series_label",
     "source_geometry",
     "write_dicom_seg",
 ]
 
 SegmentationType = Literal["binary", "labelmap"]
+SegCompression = Literal["auto", "none", "deflate", "rle", "jpegls", "jpeg2000"]
+#: Values of ``compression`` / ``--seg-compression``.
+SEG_COMPRESSIONS: tuple[str, ...] = ("auto", "none", "deflate", "rle", "jpegls", "jpeg2000")
 
 _LABEL_VALUE_RE = re.compile(r"medseg label value (\d+)")
 _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
@@ -178,8 +206,41 @@ def _check_references(datasets: Sequence[Dataset]) -> None:
             raise InputError(_name(datasets[0]), f"source slices belong to {len(values)} different {key}s")
 
 
+def series_label(ds: Dataset | Mapping[str, Any]) -> str:
+    """How messages name a source series: patient, study date, series number and description.
+
+    Args:
+        ds: A header of the series, or a mapping with the same DICOM keywords.
+
+    Returns:
+        E.g. ``"patient PGBM-001, study 19911119, series 11 'T1post'"`` (parts that are
+        missing are left out; the series UID when nothing else is known).
+    """
+
+    def text(keyword: str) -> str:
+        return str(ds.get(keyword, "") or "").strip()
+
+    parts = []
+    if text("PatientID"):
+        parts.append(f"patient {text('PatientID')}")
+    if text("StudyDate"):
+        parts.append(f"study {text('StudyDate')}")
+    number, description = text("SeriesNumber"), text("SeriesDescription")
+    if number or description:
+        parts.append(" ".join(p for p in ("series", number, repr(description) if description else "") if p))
+    if not parts:
+        parts.append(f"series {text('SeriesInstanceUID') or '<no UID>'}")
+    return ", ".join(parts)
+
+
 def source_geometry(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Geometry]:
     """Sort single-frame slices along their normal and return them with the grid they span.
+
+    The rules and tolerances are the loader's (:mod:`medseg.io.dicom_stack`): orientations
+    within :data:`~medseg.io.dicom_stack.ORIENTATION_ATOL` and pixel spacings within
+    ``PIXEL_SPACING_RTOL``/``ATOL`` are one stack; positions closer than 1e-3 mm along the
+    normal are duplicates; slices may be off a uniform grid by 1 % of a step.  The grid is
+    spanned by the first slice along the normal, as :func:`medseg.io.read_dicom_series` does.
 
     Args:
         datasets: Slice headers with ImagePositionPatient / ImageOrientationPatient / PixelSpacing.
@@ -195,25 +256,35 @@ def source_geometry(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Geometr
         for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
             if tag not in ds:
                 raise InputError(_name(ds), f"missing {tag}; cannot place the slice in patient space")
-    first = datasets[0]
-    iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    for ds in datasets:
-        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
-            raise InputError(_name(ds), "source slices mix orientations")
-        if (int(ds.Rows), int(ds.Columns)) != (int(first.Rows), int(first.Columns)):
-            raise InputError(_name(ds), "source slices mix sizes")
+    iop = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
     positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in datasets])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
-    steps = np.diff(along[order])
-    if len(steps) and np.min(steps) < 1e-4:
+    first = datasets[order[0]]
+    iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    spacing = np.asarray(first.PixelSpacing, dtype=np.float64)
+    for ds in datasets:
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=ORIENTATION_ATOL):
+            raise InputError(_name(ds), "source slices mix orientations")
+        if (int(ds.Rows), int(ds.Columns)) != (int(first.Rows), int(first.Columns)):
+            raise InputError(_name(ds), "source slices mix sizes")
+        other = np.asarray(ds.PixelSpacing, dtype=np.float64)
+        if not np.allclose(other, spacing, rtol=PIXEL_SPACING_RTOL, atol=PIXEL_SPACING_ATOL):
+            raise InputError(_name(ds), f"source slices mix pixel spacings {list(spacing)} and {list(other)}")
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
+    along = positions[order] @ normal
+    steps = np.diff(along)
+    if len(steps) and np.min(steps) < 1e-3:
         raise InputError(_name(datasets[order[int(np.argmin(steps)) + 1]]), "duplicate slice position in the source")
-    if len(steps) > 1 and np.max(steps) - np.min(steps) > 1e-3 * np.median(steps) + 1e-3:
+    n = len(along)
+    dz = float(along[-1] - along[0]) / (n - 1) if n > 1 else float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    if n > 2 and np.max(np.abs(along - (along[0] + dz * np.arange(n)))) > SLICE_GRID_TOLERANCE * dz:
         raise InputError(_name(first), "source slices are unevenly spaced (missing slices?)")
-    dz = float(np.median(steps)) if len(steps) else float(getattr(first, "SliceThickness", 1.0) or 1.0)
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    row_spacing, col_spacing = (float(v) for v in spacing)
     geometry = Geometry.from_itk(
         shape=(int(first.Columns), int(first.Rows), len(datasets)),
         spacing=(col_spacing, row_spacing, dz),
@@ -221,6 +292,43 @@ def source_geometry(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Geometr
         direction=np.stack([row_dir, col_dir, normal], axis=1),
     )
     return [datasets[i] for i in order], geometry
+
+
+def normalise_source_headers(ordered: Sequence[Dataset]) -> tuple[list[Dataset], list[str]]:
+    """Copies of the slice headers with within-tolerance orientation / pixel-spacing jitter removed.
+
+    Real exports (e.g. TCIA MR series) carry ImageOrientationPatient values that differ by ~1e-7
+    between slices of one series; the loader accepts them (same tolerances as
+    :func:`source_geometry`), but highdicom requires the source images to share one orientation
+    exactly.  Every copy gets the first slice's ImageOrientationPatient and PixelSpacing (the
+    values the loaded volume's grid is built from); positions and UIDs are untouched, so the SEG
+    still references the source instances exactly.  The caller's datasets are not modified.
+
+    Args:
+        ordered: Headers sorted along the slice normal (from :func:`source_geometry`), already
+            checked to be within tolerance.
+
+    Returns:
+        ``(headers, notes)``: the headers to give highdicom (the originals when nothing differs) and
+        a note per normalised attribute.
+    """
+    first = ordered[0]
+    notes: list[str] = []
+    out = list(ordered)
+    for keyword in ("ImageOrientationPatient", "PixelSpacing"):
+        reference = [float(v) for v in first[keyword].value]
+        deviation = 0.0
+        for index, ds in enumerate(out):
+            values = [float(v) for v in ds[keyword].value]
+            if values == reference:
+                continue
+            deviation = max(deviation, max(abs(a - b) for a, b in zip(values, reference, strict=True)))
+            if ds is ordered[index]:  # (pydicom's shallow copy shares the element table)
+                ds = out[index] = copy.deepcopy(ds)
+            ds[keyword] = copy.deepcopy(first[keyword])
+        if deviation:
+            notes.append(f"{keyword} of the source slices differed by up to {deviation:.2g}; normalised")
+    return out, notes
 
 
 def _onto_grid(array: np.ndarray, geometry: Geometry, target: Geometry, *, atol: float) -> np.ndarray:
@@ -241,6 +349,34 @@ def _onto_grid(array: np.ndarray, geometry: Geometry, target: Geometry, *, atol:
 
 
 # ----------------------------------------------------------------- writing
+def _transfer_syntax(compression: str, segmentation_type: str) -> tuple[str, bool]:
+    """``(transfer syntax UID given to highdicom, deflate the file when saving)``."""
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    if compression == "auto":
+        compression = _DEFAULT_COMPRESSION[segmentation_type]
+    if compression == "deflate":
+        return ExplicitVRLittleEndian, True
+    syntax = {
+        "none": ExplicitVRLittleEndian,
+        "rle": RLELossless,
+        "jpegls": JPEGLSLossless,
+        "jpeg2000": JPEG2000Lossless,
+    }.get(compression)
+    if syntax is None:
+        raise MedsegError(f"unknown SEG compression {compression!r} (choose from {', '.join(SEG_COMPRESSIONS)})")
+    if segmentation_type == "binary" and compression in ("rle", "jpegls"):
+        raise MedsegError(
+            f"SEG compression {compression!r} is not available for BINARY segmentations (highdicom encodes 1-bit "
+            "frames only as JPEG 2000); use deflate, jpeg2000 or --seg-type labelmap"
+        )
+    return syntax, False
+
+
+#: Default lossless encoding per segmentation type (see ``docs/benchmarks.md``, "DICOM SEG size").
+_DEFAULT_COMPRESSION: dict[str, str] = {"binary": "jpeg2000", "labelmap": "jpegls"}
+
+
 def write_dicom_seg(
     label: Volume,
     source: PathLike | Sequence[PathLike] | Sequence[Dataset],
@@ -248,14 +384,19 @@ def write_dicom_seg(
     *,
     label_names: Mapping[int, str] | None = None,
     segmentation_type: SegmentationType = "binary",
+    compression: SegCompression = "auto",
     series_description: str = "medseg segmentation",
     series_number: int = 901,
     algorithm_name: str = "medseg",
     algorithm_version: str | None = None,
     overwrite: bool = False,
     atol: float = 1e-3,
+    series: str | None = None,
 ) -> Path:
     """Write a label volume as a DICOM SEG that references its source series.
+
+    Within-tolerance orientation / pixel-spacing jitter between source slices (accepted by the
+    loader) is normalised before highdicom sees it (:func:`normalise_source_headers`).
 
     Args:
         label: ``(1, X, Y, Z)`` integer label volume on the source series' grid (as returned by
@@ -266,20 +407,28 @@ def write_dicom_seg(
         label_names: ``{label value: name}``; background ``0`` is ignored. Defaults to
             ``label.meta["label_names"]``, else ``"label <v>"``.
         segmentation_type: ``"binary"`` (default, one bit plane per segment) or ``"labelmap"``.
+        compression: Lossless pixel encoding: ``"auto"`` (default: JPEG 2000 lossless for BINARY,
+            JPEG-LS lossless for LABELMAP), ``"none"`` (explicit VR little endian), ``"deflate"``
+            (deflated explicit VR little endian: smallest, but the 2022 ``dciodvfy`` cannot read
+            it), ``"jpeg2000"``, or, for LABELMAP only, ``"rle"`` / ``"jpegls"``.
         series_description: SeriesDescription of the new series.
         series_number: SeriesNumber of the new series.
         algorithm_name: Algorithm name recorded per segment.
         algorithm_version: Algorithm version (default: medseg's version).
         overwrite: Replace an existing file.
         atol: Tolerance in mm when matching the label grid to the source slices.
+        series: How errors name the source series (default: :func:`series_label` of its first
+            header: patient, study date, series number and description). Error messages never
+            contain ``path``, which may be a temporary file.
 
     Returns:
         The written path.
 
     Raises:
-        InputError: Unreadable source, or source UIDs blanked / inconsistent.
+        InputError: Unreadable source, or source UIDs blanked / inconsistent (names the source file).
         GeometryError: The label is not on the source grid.
-        MedsegError: Label values without a name.
+        ExportError: Label values without a name, non-integer or negative labels, or highdicom
+            refused the object (names the series).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -287,29 +436,39 @@ def write_dicom_seg(
     import medseg
 
     path = Path(path)
-    if label.channels != 1:
-        raise MedsegError(f"{path}: a DICOM SEG needs a one-channel label volume, got {label.channels} channels")
+    syntax, deflate = _transfer_syntax(compression, segmentation_type)
     datasets = _load_sources(source, str(label.meta.get("series_uid") or "") or None)
+    what = series or series_label(datasets[0])
+
+    def fail(reason: str) -> ExportError:
+        return ExportError(what, "DICOM SEG", reason)
+
+    if label.channels != 1:
+        raise fail(f"a DICOM SEG needs a one-channel label volume, got {label.channels} channels")
     _check_references(datasets)
     unique: dict[str, Dataset] = {}
     for ds in datasets:  # copies of one instance (same SOPInstanceUID) are one source image
         unique.setdefault(str(ds.SOPInstanceUID), ds)
     ordered, grid = source_geometry(list(unique.values()))
-    array = _onto_grid(np.asarray(label.array[0]), label.geometry, grid, atol=atol)
+    ordered, _ = normalise_source_headers(ordered)
+    try:
+        array = _onto_grid(np.asarray(label.array[0]), label.geometry, grid, atol=atol)
+    except GeometryError as exc:
+        raise GeometryError(f"{what}: DICOM SEG not written: {exc}") from exc
     if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.rint(array)):
-        raise MedsegError(f"{path}: label volume has non-integer values")
+        raise fail("label volume has non-integer values")
     array = array.astype(np.int64, copy=False)
     if array.size and array.min() < 0:
-        raise MedsegError(f"{path}: label volume has negative values")
+        raise fail("label volume has negative values")
 
     names = dict(label_names if label_names is not None else label.meta.get("label_names") or {})
     present = {int(v) for v in np.unique(array)} - {0}
     values = sorted({int(k) for k in names if int(k) != 0} | present)
     unnamed = [v for v in values if v not in names]
     if unnamed and names:
-        raise MedsegError(f"{path}: label value(s) {unnamed} have no name in label_names")
+        raise fail(f"label value(s) {unnamed} have no name in label_names")
     if not values:
-        raise MedsegError(f"{path}: nothing to encode (no label names and an empty label volume)")
+        raise fail("nothing to encode (no label names and an empty label volume)")
     lookup = np.zeros(max(values) + 1, dtype=label_dtype(len(values)))
     for number, value in enumerate(values, start=1):
         lookup[value] = number
@@ -361,15 +520,72 @@ def write_dicom_seg(
                 content_label="SEGMENTATION",
                 content_description=series_description[:64],
                 omit_empty_frames=bool(frames.any()),
+                transfer_syntax_uid=syntax,
             )
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise MedsegError(f"{path}: highdicom refused the segmentation ({exc})") from exc
+    except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as exc:
+        raise fail(f"highdicom refused the segmentation ({exc})") from exc
+    if deflate:
+        from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+        seg.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     with atomic_path(path, overwrite=overwrite) as tmp:
-        seg.save_as(tmp, enforce_file_format=True)
+        try:
+            seg.save_as(tmp, enforce_file_format=True)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise fail(f"cannot encode the segmentation ({exc})") from exc
     return path
 
 
 # ----------------------------------------------------------------- reading
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+
+
+def is_dicom_seg(path: PathLike) -> bool:
+    """True if ``path`` is a DICOM Segmentation (BINARY/FRACTIONAL or LABELMAP), from its header."""
+    path = Path(path)
+    if not path.is_file() or not is_dicom_file(path):
+        return False
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"], force=True)
+    except Exception:
+        return False
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    return sop_class in SEG_SOP_CLASSES
+
+
+def referenced_series_uid(path: PathLike) -> str | None:
+    """SeriesInstanceUID of the image series a SEG references (the first ReferencedSeriesSequence item)."""
+    try:
+        ds = pydicom.dcmread(Path(path), stop_before_pixels=True, force=True)
+    except Exception:
+        return None
+    for item in ds.get("ReferencedSeriesSequence") or []:
+        uid = str(item.get("SeriesInstanceUID", "") or "")
+        if uid:
+            return uid
+    return None
+
+
+def find_reference(path: PathLike, search: PathLike | None = None) -> Volume | None:
+    """Load the image series a SEG references, if it is under ``search`` (default: the SEG's folder).
+
+    Returns:
+        The series as :func:`medseg.io.read_dicom_series` reads it (``dtype="native"``), or
+        ``None`` when the referenced series is not found there or cannot be loaded.
+    """
+    from medseg.io.dicom import load_series, scan_dicom
+
+    uid = referenced_series_uid(path)
+    if not uid:
+        return None
+    root = Path(search) if search is not None else Path(path).parent
+    try:
+        candidates = [s for s in scan_dicom(root).series if s.uid == uid and s.num_volumes == 1]
+        return load_series(candidates[0], dtype="native") if len(candidates) == 1 else None
+    except MedsegError:
+        return None
+
+
 def _value_map(seg: Any) -> dict[int, int]:
     out: dict[int, int] = {}
     for item in seg.SegmentSequence:
@@ -379,32 +595,94 @@ def _value_map(seg: Any) -> dict[int, int]:
     return out
 
 
+def _code(item: Any, keyword: str) -> str | None:
+    seq = item.get(keyword) or []
+    return str(seq[0].get("CodeMeaning", "")) if len(seq) else None
+
+
+def _segments(seg: Any, numbers: Sequence[int], masks: np.ndarray) -> list[dict[str, Any]]:
+    """One row per segment: number, medseg label value, label, coded category/type, voxel count."""
+    value_map = _value_map(seg)
+    by_number = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
+    rows = []
+    for index, number in enumerate(numbers):
+        item = by_number.get(number)
+        rows.append(
+            {
+                "number": number,
+                "value": value_map.get(number, number),
+                "label": str(item.SegmentLabel) if item is not None else f"segment {number}",
+                "category": _code(item, "SegmentedPropertyCategoryCodeSequence") if item is not None else None,
+                "type": _code(item, "SegmentedPropertyTypeCodeSequence") if item is not None else None,
+                "voxels": int(masks[index].sum()) if index < len(masks) else 0,
+            }
+        )
+    return rows
+
+
 def _masks_to_volume(
-    masks: np.ndarray, numbers: Sequence[int], geometry: Geometry, seg: Any, path: Path, *, combine: bool
+    masks: np.ndarray,
+    numbers: Sequence[int],
+    geometry: Geometry,
+    seg: Any,
+    path: Path,
+    *,
+    combine: bool,
+    overlap: str = "error",
 ) -> Volume:
     """``masks`` ``(S, X, Y, Z)`` bool per segment number -> label or multi-channel volume."""
+    from medseg.io.polygons import SliceMask, paint_masks
+
     value_map = _value_map(seg)
     labels = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
     meta: dict[str, Any] = {
         "series_uid": str(seg.SeriesInstanceUID),
         "sop_instance_uid": str(seg.SOPInstanceUID),
         "segmentation_type": str(seg.SegmentationType),
+        "study_uid": str(seg.get("StudyInstanceUID", "") or ""),
+        "referenced_series_uid": referenced_series_uid(path),
+        "segments": _segments(seg, numbers, masks),
     }
-    if not combine:
+    if not combine or overlap == "separate":
         meta["segment_labels"] = {n: labels.get(n, f"segment {n}") for n in numbers}
         return Volume(masks.astype(np.uint8), geometry, kind="image", source=str(path), meta=meta)
-    if masks.shape[0] and int(np.max(masks.sum(axis=0, dtype=np.int32))) > 1:
-        raise InputError(path, "segments overlap, so they do not fit one label volume; read with combine=False")
     values = [value_map.get(n, n) for n in numbers]
-    out = np.zeros(geometry.shape, dtype=label_dtype(max(values, default=0)))
-    for value, mask in zip(values, masks, strict=True):
-        out[mask] = value
+    overlapping = masks.shape[0] > 1 and int(np.max(masks.sum(axis=0, dtype=np.int32))) > 1
+    if overlapping and overlap == "error":
+        raise InputError(
+            path,
+            "segments overlap, so they do not fit one label volume; read with combine=False or choose an overlap "
+            "policy (smaller, later, separate)",
+        )
+    if overlapping:
+        pieces = [
+            [p for k in range(mask.shape[2]) if (p := SliceMask.crop(k, mask[:, :, k])) is not None] for mask in masks
+        ]
+        order = paint_masks(
+            pieces,
+            geometry.shape,
+            names=[labels.get(n, str(n)) for n in numbers],
+            policy=overlap,  # type: ignore[arg-type]
+            source=path,
+        )
+        lookup = np.array([0, *values], dtype=np.int64)
+        out = lookup[order].astype(label_dtype(max(values, default=0)))
+        meta["overlap_policy"] = overlap
+    else:
+        out = np.zeros(geometry.shape, dtype=label_dtype(max(values, default=0)))
+        for value, mask in zip(values, masks, strict=True):
+            out[mask] = value
     meta["label_names"] = {value_map.get(n, n): labels.get(n, f"segment {n}") for n in numbers}
     return Volume(out[None], geometry, kind="label", source=str(path), meta=meta)
 
 
 def read_dicom_seg(
-    path: PathLike, *, reference: Volume | None = None, combine: bool = True, fractional_threshold: float = 0.5
+    path: PathLike,
+    *,
+    reference: Volume | None = None,
+    combine: bool = True,
+    overlap: str = "error",
+    fractional_threshold: float = 0.5,
 ) -> Volume:
     """Read a DICOM SEG into a label volume (or one binary channel per segment).
 
@@ -416,14 +694,19 @@ def read_dicom_seg(
             own plane positions, slice axis along ``row x column`` direction.
         combine: One label volume (values = label values, see the module docstring); with
             ``False`` a ``(S, X, Y, Z)`` uint8 volume, channel ``i`` = ``i``-th segment.
+        overlap: With ``combine``, where segments overlap: ``"error"`` (default), ``"smaller"``
+            (the segment with fewer voxels wins), ``"later"`` (the higher segment number wins) or
+            ``"separate"`` (same as ``combine=False``) -- the policies of ``medseg convert``.
         fractional_threshold: FRACTIONAL segments become masks where the value is at least this.
 
     Returns:
-        A :class:`Volume` with ``meta["label_names"]`` (combine) or ``meta["segment_labels"]``.
+        A :class:`Volume` with ``meta["label_names"]`` (combine) or ``meta["segment_labels"]``,
+        and ``meta["segments"]`` (number, label value, label, coded category/type, voxels),
+        ``meta["referenced_series_uid"]``.
 
     Raises:
-        InputError: Not a readable DICOM SEG, overlapping segments with ``combine=True``, or frames
-            that do not form a regular volume.
+        InputError: Not a readable DICOM SEG, overlapping segments with ``overlap="error"``, or
+            frames that do not form a regular volume.
     """
     import highdicom as hd
 
@@ -432,26 +715,37 @@ def read_dicom_seg(
         raise InputError(path, "no such file")
     try:
         seg = hd.seg.segread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as exc:
+    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError, TypeError) as exc:
         raise InputError(path, f"not a readable DICOM SEG ({exc})") from exc
     numbers = [n for n in seg.segment_numbers if n != 0]
     fractional = seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+    masks: np.ndarray | None = None
     try:
         if reference is not None and reference.meta.get("sop_instance_uids"):
             uids = [str(u) for u in reference.meta["sop_instance_uids"]]
-            # (slices, rows, columns, segments) in the reference's slice order.
-            stack = seg.get_pixels_by_source_instance(
-                source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=False
-            )
-            masks = np.moveaxis(np.asarray(stack), -1, 0).transpose(0, 3, 2, 1)
-            geometry = reference.geometry
-        else:
+            try:  # (slices, rows, columns, segments) in the reference's slice order
+                stack = seg.get_pixels_by_source_instance(
+                    source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=False
+                )
+                masks = np.moveaxis(np.asarray(stack), -1, 0).transpose(0, 3, 2, 1)
+                geometry = reference.geometry
+            except (RuntimeError, KeyError, ValueError):
+                masks = None  # no per-frame source references (or locations not preserved): place by position
+        if masks is None:
             volume = seg.get_volume(segment_numbers=numbers, combine_segments=False)
             masks, geometry = _hd_volume_to_masks(volume)
-    except (ValueError, RuntimeError, KeyError, IndexError) as exc:
+            if reference is not None:
+                from medseg.io.grid import place_into
+
+                own = Volume(masks.astype(np.uint8), geometry)
+                try:
+                    masks, geometry = place_into(own, reference.geometry).array, reference.geometry
+                except GeometryError as exc:
+                    raise InputError(path, f"the SEG's frames are not on the reference series' grid ({exc})") from exc
+    except (ValueError, RuntimeError, KeyError, IndexError, AttributeError) as exc:
         raise InputError(path, f"cannot place the SEG frames on a volume ({exc})") from exc
     masks = masks >= fractional_threshold if fractional else masks > 0
-    return _masks_to_volume(masks, numbers, geometry, seg, path, combine=combine)
+    return _masks_to_volume(masks, numbers, geometry, seg, path, combine=combine, overlap=overlap)
 
 
 def _hd_volume_to_masks(volume: Any) -> tuple[np.ndarray, Geometry]:

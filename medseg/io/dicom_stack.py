@@ -20,6 +20,7 @@ Rules (each failure is an :class:`~medseg.errors.InputError` naming a file):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import defaultdict
@@ -34,13 +35,28 @@ from medseg.errors import InputError
 from medseg.io.dicom import DicomFrame, DicomSeries, OutputDtype, PixelLayout, TiltPolicy
 from medseg.io.volume import Geometry, Volume
 
-__all__ = ["decode_file", "stack_series"]
+__all__ = [
+    "ORIENTATION_ATOL",
+    "PIXEL_SPACING_ATOL",
+    "PIXEL_SPACING_RTOL",
+    "SLICE_GRID_TOLERANCE",
+    "decode_file",
+    "stack_series",
+    "stack_volumes",
+]
+
+#: Frames whose direction cosines / pixel spacings differ by less than this are one stack (the
+#: DICOM SEG writer normalises such jitter with the same tolerances before highdicom sees it).
+ORIENTATION_ATOL = 1e-3
+PIXEL_SPACING_RTOL = 1e-4
+PIXEL_SPACING_ATOL = 1e-5
 
 _DUPLICATE_MM = 1e-3  # positions closer than this along the normal are the same slice
 _GRID_TOLERANCE = 0.01  # fraction of a slice step a slice may be off the uniform grid
 _SILENT_MM = 1e-3  # deviations below this are rounding, not worth a slice issue
 _THREADED_MIN_FILES = 16  # read uncompressed series of at least this many files with threads
 _TILT_FRACTION = 0.01  # in-plane drift per slice, as a fraction of the pixel size, that is tilt
+SLICE_GRID_TOLERANCE = _GRID_TOLERANCE
 
 
 def stack_series(
@@ -61,10 +77,13 @@ def stack_series(
             dcm2niix return), float32 otherwise.
 
     Returns:
-        ``Volume`` with a ``(1, X, Y, Z)`` array.
+        ``Volume`` with a ``(1, X, Y, Z)`` array, or ``(V, X, Y, Z)`` for a multi-volume series
+        (:func:`stack_volumes`).
     """
     if not series.frames:
         raise InputError(source or series.key, "series has no image frames")
+    if series.num_volumes > 1:
+        return stack_volumes(series, tilt=tilt, source=source, dtype=dtype)
     label = series.key or "<empty UID>"
     frames = series.frames
     _check_geometry_tags(frames)
@@ -147,6 +166,87 @@ def stack_series(
     return Volume(array=array, geometry=geometry, kind="image", source=str(src), meta=meta)
 
 
+def stack_volumes(
+    series: DicomSeries,
+    *,
+    tilt: TiltPolicy = "error",
+    source: Path | None = None,
+    dtype: OutputDtype = "float32",
+) -> Volume:
+    """Stack a multi-volume series (fMRI, diffusion, perfusion, multi-echo) into one 4D volume.
+
+    Each volume (the frames with one :attr:`DicomFrame.volume` index, numbered in discovery's
+    numeric order: echo, temporal position, acquisition, instance number) is stacked with the
+    rules of :func:`stack_series`; all volumes must land on the same grid (1e-3 mm).
+
+    Returns:
+        ``Volume`` with a ``(V, X, Y, Z)`` array: channel ``v`` is volume ``v``. ``meta`` is the
+        first volume's (its ``sop_instance_uids``/``slice_files`` in Z order) plus
+        ``num_volumes``, ``volumes`` (per volume: ``index``, ``acquisition``, ``temporal``, ``echo``,
+        ``b_value``, ``gradient_lps``, ``files``) and, for diffusion, ``b_values`` and
+        ``gradients_lps`` (unit vectors in LPS patient axes; ``[0, 0, 0]`` where none).
+    """
+    by_volume: dict[int, list[DicomFrame]] = defaultdict(list)
+    for frame in series.frames:
+        by_volume[frame.volume].append(frame)
+    label = series.key or "<empty UID>"
+    out: np.ndarray | None = None
+    first: Volume | None = None
+    volumes: list[dict[str, Any]] = []
+    issues: list[str] = []
+    for index in range(series.num_volumes):
+        frames = by_volume.get(index)
+        if not frames:
+            raise InputError(source or label, f"series {label}: volume {index + 1} has no frames")
+        part = dataclasses.replace(
+            series, frames=[dataclasses.replace(f, volume=0) for f in frames], files=sorted({f.path for f in frames})
+        )
+        volume = stack_series(part, tilt=tilt, source=source, dtype=dtype)
+        if first is None:
+            first = volume
+            out = _volumes_array(series.num_volumes, volume.geometry.shape, volume.array.dtype)
+        elif not volume.geometry.allclose(first.geometry, atol=1e-3):
+            raise InputError(
+                frames[0].path,
+                f"series {label}: volume {index + 1} is on another grid ({volume.geometry.describe()}) than "
+                f"volume 1 ({first.geometry.describe()})",
+            )
+        assert out is not None
+        if volume.array.dtype != out.dtype:  # e.g. another rescale intercept: widen once
+            wider = _volumes_array(series.num_volumes, first.geometry.shape, np.result_type(out.dtype, np.float32))
+            wider[:index] = out[:index]
+            out = wider
+        out[index] = volume.array[0]
+        issues += [f"volume {index + 1}: {issue}" for issue in volume.meta.get("slice_issues", [])]
+        head = frames[0]
+        volumes.append(
+            {
+                "index": index,
+                "acquisition": head.acquisition or None,
+                "temporal": head.temporal or None,
+                "echo": head.echo or None,
+                "b_value": head.b_value,
+                "gradient_lps": list(head.gradient) if head.gradient is not None else None,
+                "files": [str(p) for p in part.files],
+            }
+        )
+    assert first is not None and out is not None
+    meta = dict(first.meta)
+    meta["slice_issues"] = issues
+    meta["num_volumes"] = series.num_volumes
+    meta["volumes"] = volumes
+    if any(v["b_value"] is not None for v in volumes):
+        meta["b_values"] = [float(v["b_value"] or 0.0) for v in volumes]
+        meta["gradients_lps"] = [v["gradient_lps"] or [0.0, 0.0, 0.0] for v in volumes]
+    src = source if source is not None else _common_folder(series.files)
+    return Volume(array=out, geometry=first.geometry, kind="image", source=str(src), meta=meta)
+
+
+def _volumes_array(count: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``(V, X, Y, Z)`` view of an ``(X, Y, Z, V)`` Fortran array: each volume contiguous, X fastest (NIfTI order)."""
+    return np.moveaxis(np.empty((*shape, count), dtype=dtype, order="F"), -1, 0)
+
+
 # ----------------------------------------------------------------------------- checks
 def _check_geometry_tags(frames: list[DicomFrame]) -> None:
     for frame in frames:
@@ -174,9 +274,9 @@ def _check_consistent(frames: list[DicomFrame], label: str) -> None:
                 f"series {label} mixes slice sizes {first.rows}x{first.cols} ({first.path.name}) and "
                 f"{frame.rows}x{frame.cols}",
             )
-        if not np.allclose(np.asarray(frame.orientation), iop, atol=1e-3):
+        if not np.allclose(np.asarray(frame.orientation), iop, atol=ORIENTATION_ATOL):
             raise InputError(frame.path, f"series {label} mixes slice orientations")
-        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-5):  # type: ignore[arg-type]
+        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=PIXEL_SPACING_RTOL, atol=PIXEL_SPACING_ATOL):  # type: ignore[arg-type]
             raise InputError(
                 frame.path, f"series {label} mixes pixel spacings {first.pixel_spacing} and {frame.pixel_spacing}"
             )

@@ -17,7 +17,7 @@ import numpy as np
 from medseg.errors import GeometryError
 from medseg.io.volume import Geometry, Volume
 
-__all__ = ["AxisMapping", "axis_mapping", "reindex_to", "signed_permutation"]
+__all__ = ["AxisMapping", "axis_mapping", "place_into", "reindex_to", "signed_permutation"]
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,56 @@ def reindex_to(volume: Volume, geometry: Geometry, *, atol: float = 1e-3) -> Vol
         )
     array = np.ascontiguousarray(mapping.apply(volume.array))
     return Volume(array=array, geometry=geometry, kind=volume.kind, source=volume.source, meta=dict(volume.meta))
+
+
+def place_into(volume: Volume, geometry: Geometry, *, atol: float = 1e-3) -> Volume:
+    """Put ``volume`` into a larger grid holding its voxel centres (a sub-block), zeros elsewhere.
+
+    Like :func:`reindex_to` (signed axis permutation, no interpolation) but ``volume`` may cover
+    only part of ``geometry``, e.g. a DICOM SEG that stores only its non-empty frames.
+
+    Raises:
+        GeometryError: Some voxel centre of ``volume`` is not a voxel centre of ``geometry``
+            (within ``atol`` mm) or falls outside it.
+    """
+    m = np.linalg.inv(geometry.affine) @ volume.geometry.affine  # volume index -> geometry index
+    perm = signed_permutation(m[:3, :3], atol=1e-3)
+    shift = np.round(m[:3, 3])
+    ok = perm is not None
+    if ok:
+        assert perm is not None
+        rows, signs = perm
+        exact = np.eye(4)
+        exact[:3, :3] = 0
+        for src_axis in range(3):
+            exact[rows[src_axis], src_axis] = signs[src_axis]
+        exact[:3, 3] = shift
+        corners = np.array([[*c, 1.0] for c in product(*[(0, n - 1) for n in volume.geometry.shape])]).T
+        mapped = exact @ corners
+        error = float(np.max(np.linalg.norm((volume.geometry.affine @ corners - geometry.affine @ mapped)[:3], axis=0)))
+        inside = bool(np.all(mapped[:3].min(axis=1) >= 0) and np.all(mapped[:3].max(axis=1) < np.array(geometry.shape)))
+        ok = error <= atol and inside
+    if not ok:
+        raise GeometryError(
+            f"the volume's voxels are not voxels of the target grid (within {atol} mm): "
+            f"{volume.geometry.describe()} vs {geometry.describe()}"
+        )
+    assert perm is not None
+    rows, signs = perm
+    moved = volume.array
+    axes = [0, 0, 0]
+    for src_axis in range(3):
+        axes[rows[src_axis]] = src_axis
+    moved = np.transpose(moved, (0, *(a + 1 for a in axes)))
+    starts = []
+    for dst_axis in range(3):
+        src_axis = axes[dst_axis]
+        if signs[src_axis] < 0:
+            moved = np.flip(moved, axis=dst_axis + 1)
+            starts.append(int(shift[dst_axis]) - volume.geometry.shape[src_axis] + 1)
+        else:
+            starts.append(int(shift[dst_axis]))
+    out = np.zeros((volume.channels, *geometry.shape), dtype=volume.array.dtype)
+    index = (slice(None), *(slice(a, a + n) for a, n in zip(starts, moved.shape[1:], strict=True)))
+    out[index] = moved
+    return Volume(array=out, geometry=geometry, kind=volume.kind, source=volume.source, meta=dict(volume.meta))

@@ -1,10 +1,13 @@
 """``medseg info``: the series in a folder (headers only) or the geometry of one volume.
 
 For a folder every DICOM image series is listed (key/UID, modality, description, slices,
-shape, spacing, orientation code) from headers alone, with a count of skipped files per
-reason; when the folder holds exactly one series its volume is also loaded and
-described.  For a file (NIfTI, NRRD, MHA, or a DICOM file) the volume is loaded and its
-geometry (shape, spacing, origin, direction, orientation) and value range are shown.
+volumes and b-values of multi-volume series, shape, spacing, orientation code) from headers
+alone, with a count of skipped files per reason and the DICOM SEG objects found; when the
+folder holds exactly one series its volume is also loaded and described.  For a file (NIfTI,
+NRRD, MHA, or a DICOM file) the volume is loaded and its geometry (shape, spacing, origin,
+direction, orientation) and value range are shown.  A DICOM SEG file is read onto the grid of
+the series it references when that series is found (``reference`` folder, else the SEG's own
+folder), else onto its own frames, and its segments are listed.
 """
 
 from __future__ import annotations
@@ -26,28 +29,47 @@ from medseg.types import PathLike
 __all__ = ["add_info_parser", "describe_volume", "format_info", "gather_info", "run_info"]
 
 
-def gather_info(path: PathLike, *, load: bool = True, tilt: str = "error") -> dict[str, Any]:
+def gather_info(
+    path: PathLike, *, load: bool = True, tilt: str = "error", reference: PathLike | None = None
+) -> dict[str, Any]:
     """Collect what ``medseg info`` shows, as JSON-serialisable data.
 
     Args:
-        path: Folder, DICOM file or volume file.
+        path: Folder, DICOM file (image or SEG) or volume file.
         load: For a folder with one series, also load it and describe its volume.
         tilt: Gantry-tilt policy when loading DICOM (``"error"`` or ``"resample"``).
+        reference: For a DICOM SEG, the folder holding the series it references (default: its folder).
 
     Returns:
-        ``{"path", "kind": "folder" | "file", "series": [...], "skipped": {...}, "volume": {...} | None}``.
+        ``{"path", "kind": "folder" | "file" | "seg", "series": [...], "skipped": {...},
+        "segmentations": [...], "volume": {...} | None}`` (``"segmentation"`` for a SEG file).
 
     Raises:
         InputError: Missing path, nothing readable, or an unreadable volume file.
     """
+    from medseg.io.dicom_seg import is_dicom_seg
+
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or folder")
     if p.is_file() and split_suffix(p)[1] in VOLUME_SUFFIXES:
         volume = read_image_file(p)
         return {"path": str(p), "kind": "file", "series": [], "skipped": {}, "volume": describe_volume(volume)}
+    if p.is_file() and is_dicom_seg(p):
+        return _seg_info(p, reference)
     scan = scan_dicom(p)
+    segs = [_seg_summary(f) for f, reason in scan.skipped if reason.startswith("segmentation (DICOM SEG)")]
     if not scan.series:
+        if segs:
+            skipped = scan.skipped_summary()
+            return {
+                "path": str(p),
+                "kind": "folder",
+                "series": [],
+                "skipped": skipped,
+                "segmentations": segs,
+                "volume": None,
+            }
         if p.is_file():
             reason = scan.skipped[0][1] if scan.skipped else "no image"
             raise InputError(p, f"not a DICOM image or volume file: {reason}")
@@ -59,12 +81,55 @@ def gather_info(path: PathLike, *, load: bool = True, tilt: str = "error") -> di
         "kind": "file" if p.is_file() else "folder",
         "series": [s.to_dict() for s in scan.series],
         "skipped": scan.skipped_summary(),
+        "segmentations": segs,
         "volume": None,
     }
     if len(scan.series) == 1 and (load or p.is_file()):
         volume = load_series(scan.series[0], tilt=tilt, source=p, dtype="native")  # type: ignore[arg-type]
         data["volume"] = describe_volume(volume)
     return data
+
+
+def _seg_summary(path: Path) -> dict[str, Any]:
+    """Header facts of a DICOM SEG found in a folder (no pixels decoded)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as exc:
+        return {"file": str(path), "error": f"{type(exc).__name__}: {exc}"}
+    refs = [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence") or []]
+    return {
+        "file": str(path),
+        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+        "series_number": int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
+        "description": str(ds.get("SeriesDescription", "") or ""),
+        "segmentation_type": str(ds.get("SegmentationType", "") or ""),
+        "referenced_series_uid": refs[0] if refs else None,
+        "segments": [str(item.get("SegmentLabel", "")) for item in ds.get("SegmentSequence") or []],
+    }
+
+
+def _seg_info(path: Path, reference: PathLike | None) -> dict[str, Any]:
+    from medseg.io.dicom_seg import find_reference, read_dicom_seg
+
+    summary = _seg_summary(path)
+    source = find_reference(path, reference)
+    grid = "referenced series" if source is not None else "SEG frames"
+    try:
+        labels = read_dicom_seg(path, reference=source, combine=False)
+    except InputError:
+        if source is None:
+            raise
+        labels, grid = read_dicom_seg(path, combine=False), "SEG frames (not on the referenced grid)"
+    summary.update(
+        grid=grid,
+        reference_source=source.source if source is not None and grid == "referenced series" else None,
+        segments=labels.meta.get("segments", []),
+    )
+    volume = describe_volume(labels)
+    volume.pop("value_range", None)
+    return {"path": str(path), "kind": "seg", "series": [], "skipped": {}, "segmentation": summary, "volume": volume}
 
 
 def describe_volume(volume: Volume) -> dict[str, Any]:
@@ -79,7 +144,17 @@ def describe_volume(volume: Volume) -> dict[str, Any]:
         **volume.geometry.to_dict(),
         "value_range": value_range,
         "slice_issues": list(volume.meta.get("slice_issues", [])),
+        **_volumes_info(volume),
     }
+
+
+def _volumes_info(volume: Volume) -> dict[str, Any]:
+    if not volume.meta.get("num_volumes"):
+        return {}
+    out: dict[str, Any] = {"num_volumes": volume.meta["num_volumes"]}
+    if volume.meta.get("b_values") is not None:
+        out["b_values"] = volume.meta["b_values"]
+    return out
 
 
 def format_info(data: dict[str, Any]) -> str:
@@ -94,13 +169,14 @@ def format_info(data: dict[str, Any]) -> str:
                 f"{n} {r}" for r, n in sorted(skipped.items())
             )
         lines.append(f"{data['path']}: {len(series)} DICOM series{skip_note}")
-        header = ["key / series UID", "modality", "description", "slices", "shape", "spacing (mm)", "orient"]
+        header = ["key / series UID", "modality", "description", "slices", "vols", "shape", "spacing (mm)", "orient"]
         rows = [
             [
                 s["key"] or "<empty UID>",
                 s["modality"],
                 repr(s["description"]),
                 str(s["num_slices"]),
+                str(s.get("num_volumes", 1)),
                 "x".join(str(v) for v in s["shape"]),
                 "x".join(f"{v:.4g}" for v in s["spacing"]) if s["spacing"] else "?",
                 s["orientation_code"] or "?",
@@ -110,23 +186,71 @@ def format_info(data: dict[str, Any]) -> str:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        for s in series:
+            if s.get("b_values"):
+                lines.append(f"  {s['key']}: b-values {_b_values(s['b_values'])} s/mm²")
+    for seg in data.get("segmentations") or []:
+        if "error" in seg:
+            lines.append(f"  DICOM SEG {seg['file']}: unreadable ({seg['error']})")
+            continue
+        lines.append(
+            f"  DICOM SEG {seg['file']}: {seg['segmentation_type']}, {len(seg['segments'])} segment(s) "
+            f"({', '.join(seg['segments'][:8])}{', ...' if len(seg['segments']) > 8 else ''}), references series "
+            f"{seg['referenced_series_uid'] or '?'}"
+        )
+    if data.get("kind") == "seg":
+        lines.extend(_format_seg(data))
     volume = data.get("volume")
     if volume is not None:
-        lines.extend(_format_volume(volume, data["path"] if not series else None))
+        lines.extend(_format_volume(volume, data["path"] if not series and data.get("kind") != "seg" else None))
     return "\n".join(lines)
+
+
+def _b_values(values: list[float | None]) -> str:
+    """``0, 1000 x30, 2000 x30`` style summary of per-volume b-values, in acquisition order."""
+    parts: list[str] = []
+    previous, count = None, 0
+    for value in [*values, object()]:
+        if value == previous:
+            count += 1
+            continue
+        if count:
+            text = "?" if previous is None else f"{previous:g}"  # type: ignore[str-format]
+            parts.append(text if count == 1 else f"{text} x{count}")
+        previous, count = value, 1
+    return ", ".join(parts)
+
+
+def _format_seg(data: dict[str, Any]) -> list[str]:
+    seg = data["segmentation"]
+    lines = [
+        f"{data['path']}: DICOM SEG ({seg['segmentation_type']}), series {seg['series_number']} "
+        f"'{seg['description']}', references series {seg['referenced_series_uid'] or '?'}",
+        f"  grid: {seg['grid']}" + (f" ({seg['reference_source']})" if seg.get("reference_source") else ""),
+    ]
+    rows = [["segment", "value", "label", "type", "voxels"]]
+    for item in seg["segments"]:
+        rows.append([str(item["number"]), str(item["value"]), item["label"], item["type"] or "", str(item["voxels"])])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return lines
 
 
 def _format_volume(v: dict[str, Any], title: str | None) -> list[str]:
     lines = [title] if title else ["volume"]
-    lines.append(f"  shape        {tuple(v['shape'])}  ({v['channels']} channel(s), {v['dtype']})")
+    channels = f"{v['num_volumes']} volumes" if v.get("num_volumes") else f"{v['channels']} channel(s)"
+    lines.append(f"  shape        {tuple(v['shape'])}  ({channels}, {v['dtype']})")
+    if v.get("b_values"):
+        lines.append(f"  b-values     {_b_values(v['b_values'])} s/mm²")
     lines.append(f"  spacing      {tuple(round(s, 6) for s in v['spacing'])} mm")
     lines.append(f"  origin (LPS) {tuple(round(o, 4) for o in v['origin_lps'])} mm")
     lines.append(
         "  direction    " + "  ".join("(" + ", ".join(f"{x:+.6f}" for x in row) + ")" for row in v["direction_lps"])
     )
     lines.append(f"  orientation  {v['orientation']} (RAS+ axis codes)")
-    lo, hi = v["value_range"]
-    lines.append(f"  value range  [{lo:g}, {hi:g}]" if lo is not None else "  value range  (no finite values)")
+    if "value_range" in v:
+        lo, hi = v["value_range"]
+        lines.append(f"  value range  [{lo:g}, {hi:g}]" if lo is not None else "  value range  (no finite values)")
     for issue in v.get("slice_issues", []):
         lines.append(f"  slice issue  {issue}")
     return lines
@@ -134,7 +258,9 @@ def _format_volume(v: dict[str, Any], title: str | None) -> list[str]:
 
 def run_info(args: argparse.Namespace) -> int:
     """Handler of ``medseg info`` (parser: :func:`medseg.io.cli.add_info_parser`): print, exit 0."""
-    data = gather_info(args.input, load=not args.headers_only, tilt=args.tilt)
+    data = gather_info(
+        args.input, load=not args.headers_only, tilt=args.tilt, reference=getattr(args, "reference", None)
+    )
     if args.json:
         print(json.dumps(data, indent=2))
     else:

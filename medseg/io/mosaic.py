@@ -21,7 +21,7 @@ from nibabel.nicom import csareader
 
 from medseg.errors import InputError
 
-__all__ = ["MosaicLayout", "is_mosaic", "mosaic_layout", "untile", "untile_tiles"]
+__all__ = ["MosaicLayout", "is_mosaic", "mosaic_diffusion", "mosaic_layout", "untile", "untile_tiles"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,29 @@ def mosaic_layout(ds: Any, path: Path) -> MosaicLayout:
     spacing = _slice_spacing(ds)
     positions = first[None, :] + np.arange(n_slices)[:, None] * spacing * normal[None, :]
     return MosaicLayout(n_slices, grid, tile_rows, tile_cols, positions)
+
+
+def mosaic_diffusion(ds: Any) -> tuple[float | None, tuple[float, float, float] | None]:
+    """``(B_value, DiffusionGradientDirection)`` from the CSA image header (``None`` when absent).
+
+    The gradient is a unit vector in LPS patient axes (as Siemens stores it); a zero or missing
+    vector (b = 0 volumes) is ``None``.
+    """
+    try:
+        csa = csareader.get_csa_header(ds, "image")
+        b_value = csareader.get_b_value(csa) if csa is not None else None
+        vector = csareader.get_g_vector(csa) if csa is not None else None
+    except Exception:  # nibabel raises several types for damaged or value-less CSA elements
+        return None, None
+    b = float(b_value) if b_value is not None and np.isfinite(float(b_value)) else None
+    if vector is None or len(vector) != 3:
+        return b, None
+    g = np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(g))
+    if not np.isfinite(norm) or norm < 1e-6:
+        return b, None
+    g = g / norm
+    return b, (float(g[0]), float(g[1]), float(g[2]))
 
 
 def untile(pixels: np.ndarray, layout: MosaicLayout) -> np.ndarray:
