@@ -140,6 +140,51 @@ def test_engine_ray_without_ray_is_a_clear_error(tmp_path: Path, monkeypatch: py
         run_batch(tmp_path / "archive", tmp_path, tmp_path / "out", BatchOptions(address="127.0.0.1:6379"))
 
 
+def test_write_attempts_are_isolated_and_checked(tmp_path: Path, tiny_model: Path) -> None:
+    """Each write-task execution has its own folder; the driver commits the one its result names, nothing else."""
+    from medseg.batch.ray_engine import write_stage
+    from medseg.batch.runner import _Runner, read_series
+    from medseg.io.volume import Volume
+
+    archive = tmp_path / "archive"
+    write_series(3, archive / "c003", slices=12)
+    out = tmp_path / "out"
+    run_batch(archive, tiny_model, out, BatchOptions(process=False, progress=False))
+    with Manifest(out / "manifest.sqlite") as m:
+        claim = m.claim()
+        assert claim is not None
+        runner = _Runner(archive.resolve(), out.resolve(), tiny_model, BatchOptions(progress=False), m)
+        volume, sources = read_series(runner.work, claim)
+        labels = np.zeros(volume.geometry.shape, dtype=np.uint8)
+        labels[5:9, 5:9, 2:4] = 1
+        predicted = {"label": Volume(labels, volume.geometry, kind="label"), "names": {1: "x"}, "timings": {}}
+        info = {"sources": sources, "load_s": 0.0}
+        stale = write_stage(runner.work, claim, volume, info, predicted)  # the driver made no temp folder yet
+        assert "error" in stale and not runner.work.temp_dir(claim).exists()
+        runner.work.temp_dir(claim).mkdir(parents=True)
+        first, second = (write_stage(runner.work, claim, volume, info, predicted) for _ in range(2))
+        assert first["marker"]["attempt"] != second["marker"]["attempt"]
+        (runner.work.temp_dir(claim) / first["marker"]["attempt"] / "volumes.json").unlink()
+        runner.finish(runner.prepare(claim), marker=second["marker"])
+        row = m.rows()[0]
+        assert row["state"] == "done" and m.completion_counts() == {claim.key: 1}
+        marker = json.loads((out / row["out_dir"] / ".medseg-series.json").read_text())
+        assert marker["attempt"] == second["marker"]["attempt"]
+        assert np.array_equal(np.asarray(nib.load(str(out / row["out_dir"] / "segmentation.nii.gz")).dataobj), labels)
+        assert_no_leftovers(out)
+        # A finished folder missing a file is never committed.
+        shutil.rmtree(out / row["out_dir"])  # (else the new claim adopts the complete folder)
+        m.reset(claim.key, "again")
+        claim = m.claim()
+        assert claim is not None
+        runner.work.temp_dir(claim).mkdir(parents=True)
+        broken = write_stage(runner.work, claim, volume, info, predicted)
+        (runner.work.temp_dir(claim) / broken["marker"]["attempt"] / "segmentation.nii.gz").unlink()
+        runner.finish(runner.prepare(claim), marker=broken["marker"])
+        assert m.rows()[0]["state"] == "failed" and "missing from the finished folder" in m.rows()[0]["error"]
+        assert_no_leftovers(out)
+
+
 # ----------------------------------------------------------------------------- on the cluster
 def test_ray_equals_single_process_and_a_raising_worker_fails_one_series(
     archive: Path, baseline: Path, tiny_model: Path, tmp_path: Path

@@ -9,10 +9,10 @@ stateless per-series work of :mod:`medseg.batch.runner`, stage by stage::
         |  object store      the array travels out-of-band (pickle protocol 5), zero-copy on its node
     predictor actor (GPU)    loads the model once; predict_series() -> label Volume
         |
-    write task (CPU)         write_series(): outputs into OUT/.tmp/<claim id>/ (shared filesystem)
-        |
-    driver                   renames the folder to its final place and marks the series done, in one
-                             manifest transaction (Runner.commit)
+    write task (CPU)         write_series(): outputs into OUT/.tmp/<claim id>/<attempt>/ (shared filesystem;
+        |                    a folder per execution, so a worker wrongly thought dead cannot disturb its retry)
+    driver                   checks the files, renames the folder to its final place and marks the series
+                             done, in one manifest transaction (Runner.commit); removes OUT/.tmp/<claim id>
 
 Ray provides placement (CPU tasks anywhere, one actor per GPU), data movement, retries and
 restarts: read and write tasks are retried by Ray when their worker or node dies
@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -154,12 +155,22 @@ def _node_cpus(ray: Any) -> int:
 def write_stage(
     work: SeriesWork, claim: Claim, volume: Any, info: dict[str, Any], predicted: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write task: outputs into ``OUT/.tmp/<claim id>/``; ``{"marker"}`` or ``{"error"}``."""
+    """Write task: outputs into ``OUT/.tmp/<claim id>/<attempt>/``; ``{"marker"}`` or ``{"error"}``.
+
+    Every execution of the task (Ray retries it when its worker dies) writes a folder of its own.
+    """
     if "error" in predicted:
         return {"error": predicted["error"]}
     try:
         marker = write_series(
-            work, claim, volume, info["sources"], predicted["label"], predicted["names"], predicted["timings"]
+            work,
+            claim,
+            volume,
+            info["sources"],
+            predicted["label"],
+            predicted["names"],
+            predicted["timings"],
+            attempt=uuid.uuid4().hex,
         )
     except Exception as exc:
         return _error("writing", exc)
@@ -261,6 +272,7 @@ def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
 
     def submit(item: _Item, tries: int) -> None:
         claim = item.claim
+        work.temp_dir(claim).mkdir(parents=True, exist_ok=True)  # the write attempts go inside
         volume, info = read.remote(work, claim)
         actor = min(range(workers), key=load.__getitem__)  # the least busy predictor
         load[actor] += 1
@@ -314,7 +326,6 @@ def _collect(ray: Any, runner: _Runner, job: _InFlight, submit: Any) -> None:
         return
     except _lost_errors(ray) as exc:
         if job.tries < runner.options.max_attempts:
-            shutil.rmtree(runner.work.temp_dir(item.claim), ignore_errors=True)
             submit(item, job.tries + 1)
             return
         runner.finish(item, error=f"lost with its Ray node {job.tries} time(s) ({type(exc).__name__})")

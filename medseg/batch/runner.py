@@ -604,6 +604,8 @@ def write_series(
     label: Volume,
     names: dict[int, str],
     timings: dict[str, float],
+    *,
+    attempt: str | None = None,
 ) -> dict[str, Any]:
     """Write every output of a series into :meth:`SeriesWork.temp_dir`, the completion marker last.
 
@@ -615,16 +617,23 @@ def write_series(
         label: The label volume ``(1, X, Y, Z)`` on the image's grid.
         names: Label value -> class name.
         timings: Timings so far (``load_s``, ``infer_s``, ...); ``write_s`` is added.
+        attempt: Write into ``<temp dir>/<attempt>/`` instead, which must not exist while the temp
+            dir must (a remote worker's attempt: a stale attempt of a worker thought dead can
+            neither disturb another attempt's folder nor recreate a temp dir the driver removed).
 
     Returns:
-        The marker (also written as ``.medseg-series.json``).
+        The marker (also written as ``.medseg-series.json``; ``attempt`` names the folder).
 
     Raises:
         MedsegError: An output cannot be written (the temp folder is removed).
     """
-    tmp = work.temp_dir(claim)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if attempt is None:
+        tmp = work.temp_dir(claim)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    else:
+        tmp = work.temp_dir(claim) / attempt
+        tmp.mkdir()
     try:
         t0 = time.perf_counter()
         files = _write_outputs(work, tmp, claim, volume, sources, label, names)
@@ -639,6 +648,7 @@ def write_series(
             "files": files,
             "timings": timings,
             "claim_id": claim.claim_id,
+            "attempt": attempt,
             "completed_at": time.time(),
         }
         write_json_atomic(tmp / MARKER, marker)
@@ -904,15 +914,19 @@ class _Runner:
         """
         claim = item.claim
         tmp = self.work.temp_dir(claim)
+        done = tmp / marker["attempt"] if marker.get("attempt") else tmp
         final = self.final_dir(claim)
         try:
+            missing = [name for name in [*marker.get("files", []), MARKER] if not (done / name).is_file()]
+            if missing:
+                raise MedsegError(f"series {claim.key}: outputs {missing} missing from the finished folder")
             ok = self.manifest.complete(
                 claim,
                 out_dir=str(final.relative_to(self.out.resolve())),
                 outputs=self.outputs,
                 model_id=self.model_id,
                 timings=marker.get("timings"),
-                commit=lambda: self._commit_dir(tmp, final, claim),
+                commit=lambda: self._commit_dir(done, final, claim),
             )
             if not ok:
                 raise MedsegError(
