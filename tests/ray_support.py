@@ -148,6 +148,16 @@ def _start_cluster(temp_dir: str, env: dict[str, str], *, nodes: int, cpus: int)
     for index in range(1, nodes):
         _ray(ray, "start", f"--address=127.0.0.1:{HEAD_PORT}", f"--node-manager-port={NODE2_MANAGER_PORT + index - 1}",
              *common, env=env)  # fmt: skip
+    # Wait until the scheduler sees every node's CPUs as available (right after `ray start` a node can be
+    # registered before its resources are, and work would all land on the head).
+    wait = (
+        "import ray, time\n"
+        "ray.init(logging_level='ERROR', log_to_driver=False)\n"
+        "deadline = time.monotonic() + 60\n"
+        f"while ray.available_resources().get('CPU', 0) < {nodes * cpus} and time.monotonic() < deadline:\n"
+        "    time.sleep(0.1)\n"
+    )
+    subprocess.run([sys.executable, "-c", wait], check=True, env=env, capture_output=True, timeout=120)
 
 
 def _run_step(step: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
