@@ -62,6 +62,8 @@ __all__ = ["RAY_EXTRA", "import_ray", "run_on_ray"]
 RAY_EXTRA = "pip install 'medseg[ray]'"
 #: Environment variables forwarded to the workers (fault injection for the tests).
 _FORWARDED_ENV = ("MEDSEG_BATCH_CRASH_AT", "MEDSEG_BATCH_RAISE_AT")
+#: Memory a predictor actor reserves (bytes): see ``_drive``.
+_PREDICTOR_MEMORY = 64 * 2**20
 
 
 def import_ray() -> Any:
@@ -193,20 +195,6 @@ def _cluster_resources(ray: Any) -> tuple[int, float]:
     return len(nodes), gpus
 
 
-def _placement(ray: Any, index: int, gpus: float) -> dict[str, Any]:
-    """Where predictor ``index`` goes: GPU actors where Ray finds the GPUs; CPU actors one per node.
-
-    A CPU actor reserves no CPU, so Ray alone would pack them on one node: actor ``i`` prefers the
-    ``i``-th alive node (soft affinity: restarted anywhere when that node dies).
-    """
-    if gpus:
-        return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)}
-
-
 def _init(ray: Any, address: str | None) -> bool:
     """Connect to (or start) Ray; True when this call initialised it (and should shut it down)."""
     if ray.is_initialized():
@@ -250,17 +238,17 @@ def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
     cpus = options.cpus_per_reader
     read = ray.remote(read_stage).options(num_cpus=cpus, num_returns=2, max_retries=retries)
     write = ray.remote(write_stage).options(num_cpus=cpus, max_retries=retries)
-    actor_cls = ray.remote(PredictorWorker)
-    actor_options = {
-        "num_cpus": 0,  # on CPU the actor shares its node's cores with the read/write tasks
-        "num_gpus": gpus,
-        "max_restarts": -1,
-        "max_task_retries": retries,
-    }
-    actors = [
-        actor_cls.options(**actor_options, **_placement(ray, i, gpus)).remote(work, options.device)
-        for i in range(workers)
-    ]
+    actor_cls = ray.remote(PredictorWorker).options(
+        num_cpus=0,  # on CPU the actor shares its node's cores with the read/write tasks
+        num_gpus=gpus,
+        # A token reservation: Ray places an actor that reserves nothing without regard to nodes
+        # (measured: both CPU predictors on one node), so SPREAD would not spread them.
+        memory=_PREDICTOR_MEMORY,
+        scheduling_strategy="SPREAD",
+        max_restarts=-1,
+        max_task_retries=retries,
+    )
+    actors = [actor_cls.remote(work, options.device) for _ in range(workers)]
     try:  # the predictors load the model before any series is claimed: a bad model fails the run, not each series
         where = sorted(ray.get([a.where.remote() for a in actors]))
     except ray.exceptions.RayActorError as exc:
