@@ -1,7 +1,8 @@
 """``medseg batch --engine ray`` on a real two-node Ray cluster (private network namespace, loopback only).
 
-The archive: 22 generated phantom CT series written as DICOM, real DICOM series from ../shared/data
-(a 512x512 CT with blanked UIDs, a 3-slice GE CT, a tilted MR), a non-image object and junk files.
+The archive: 20 image series - real DICOM series from ../shared/data (a 512x512 CT with blanked UIDs, a
+3-slice GE CT, a tilted MR) and generated phantom CT series written as DICOM - plus a structured report
+(a skipped non-image series) and junk files.
 Every Ray run is compared with a single-process ``medseg batch`` of the same archive: same states,
 same reasons, label volumes bit-equal.
 """
@@ -18,20 +19,19 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import BasicTextSRStorage
 from ray_support import require_ray_cluster, run_cluster
-from test_batch import assert_exactly_once, assert_no_leftovers, write_series
+from test_batch import _non_image, assert_exactly_once, assert_no_leftovers, write_series
 
 from medseg.batch.manifest import Manifest
 from medseg.batch.runner import BatchOptions, run_batch
 from medseg.errors import ConfigError
 
-PHANTOMS = 22
+SERIES = 20  # image series in the archive: phantoms plus the real series found in ../shared/data
 OUTPUTS = "nifti,json"
 
 
 def _archive(root: Path, shared: Path | None) -> Path:
-    for case in range(PHANTOMS):
-        write_series(case, root / f"site{case % 3}" / f"c{case:03d}", slices=12 + case % 5)
     if shared is not None:
         for name, source in {
             "real/ct-blank-uids": shared / "totalseg-tests" / "example_ct_dicom",
@@ -42,6 +42,10 @@ def _archive(root: Path, shared: Path | None) -> Path:
         mr = sorted((shared / "pgbm-brain-tumor-progression" / "PGBM-001").glob("*/11-T1post-*"))
         if mr:
             shutil.copytree(mr[0], root / "real" / "mr-t1post")
+    real = len(list((root / "real").iterdir())) if (root / "real").is_dir() else 0
+    for case in range(SERIES - real):
+        write_series(case, root / f"site{case % 3}" / f"c{case:03d}", slices=12 + case % 5)
+    _non_image(root / "objects" / "SR.dcm", BasicTextSRStorage, "SR", "1.2.826.0.1.3680043.8.498.1")
     (root / "notes.txt").write_text("exported by PACS\n")
     (root / "junk").mkdir()
     first = next((root / "site0" / "c000").iterdir())
@@ -204,7 +208,7 @@ def test_ray_equals_single_process_and_a_raising_worker_fails_one_series(
     assert "injected fault at predicted (MEDSEG_BATCH_RAISE_AT)" in rows[poisoned][2]
     assert 0 < _max_in_flight(out) <= run["ray_in_flight"] == 2 * (2 + 1)  # backpressure: workers x (prefetch + 1)
     compared = assert_same_outputs(out, baseline, except_keys={poisoned})
-    assert compared >= PHANTOMS - 1
+    assert compared == SERIES - 1
     local = _states(baseline)
     assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()) - 1)
     assert_no_leftovers(out)
@@ -218,7 +222,7 @@ def test_ray_node_killed_mid_run_loses_nothing(archive: Path, baseline: Path, ti
     (step,) = run_cluster([{"argv": _batch_argv(archive, tiny_model, out), "kill": kill, "timeout": 600}], tmp_path)
     assert step["killed"], "the second node's raylet was not killed mid-run"
     assert step["returncode"] in (0, 1), step["stderr"]
-    assert assert_same_outputs(out, baseline) >= PHANTOMS
+    assert assert_same_outputs(out, baseline) == SERIES
     local = _states(baseline)
     assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()))
     assert_no_leftovers(out)
@@ -237,7 +241,7 @@ def test_ray_driver_killed_then_rerun_resumes(archive: Path, baseline: Path, tin
     assert second["returncode"] in (0, 1), second["stderr"]
     resumed = _summary(second["stdout"])["run"]
     assert resumed["reclaimed"] >= 1 and resumed["processed"] < len(_states(baseline))
-    assert assert_same_outputs(out, baseline) >= PHANTOMS
+    assert assert_same_outputs(out, baseline) == SERIES
     local = _states(baseline)
     assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()))
     assert_no_leftovers(out)
