@@ -262,3 +262,22 @@ def test_pacs_run_takes_the_engine_options() -> None:
     batch = _batch_options(_run_options(args, store=False), None, progress=False)
     batch.validate()
     assert (batch.engine, batch.address, batch.gpus_per_worker, batch.workers) == ("ray", "127.0.0.1:6379", 0.5, None)
+
+
+@pytest.mark.slow
+def test_ray_worker_dying_on_one_series_fails_it_after_max_attempts(
+    archive: Path, baseline: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    require_ray_cluster()
+    out = tmp_path / "ray"
+    deadly = _key_of(archive / "site2" / "c005")
+    env = {"MEDSEG_BATCH_KILL_AT": f"loaded:{deadly}"}  # SIGKILLs the read task's worker, every attempt
+    argv = _batch_argv(archive, tiny_model, out, "--max-attempts", "2")
+    (step,) = run_cluster([{"argv": argv, "env": env, "timeout": 600}], tmp_path)
+    assert step["returncode"] == 1, step["stderr"]
+    rows = _states(out)
+    assert rows[deadly][0] == "failed"
+    assert "the Ray worker processing this series died 2 time(s)" in rows[deadly][2]
+    assert assert_same_outputs(out, baseline, except_keys={deadly}) == SERIES - 1
+    assert_exactly_once(out / "manifest.sqlite", SERIES - 1)
+    assert_no_leftovers(out)

@@ -61,7 +61,7 @@ __all__ = ["RAY_EXTRA", "import_ray", "run_on_ray"]
 
 RAY_EXTRA = "pip install 'medseg[ray]'"
 #: Environment variables forwarded to the workers (fault injection for the tests).
-_FORWARDED_ENV = ("MEDSEG_BATCH_CRASH_AT", "MEDSEG_BATCH_RAISE_AT")
+_FORWARDED_ENV = ("MEDSEG_BATCH_CRASH_AT", "MEDSEG_BATCH_RAISE_AT", "MEDSEG_BATCH_KILL_AT")
 #: Memory a predictor actor reserves (bytes): see ``_drive``.
 _PREDICTOR_MEMORY = 64 * 2**20
 
@@ -309,21 +309,24 @@ def _collect(ray: Any, runner: _Runner, job: _InFlight, submit: Any) -> None:
     item = job.item
     try:
         outcome = ray.get(job.result)
-    except ray.exceptions.RayTaskError as exc:  # an exception the stage did not turn into data
-        runner.finish(item, error=f"unexpected error on a Ray worker: {exc.cause!r}")
-        return
-    except _lost_errors(ray) as exc:
-        if job.tries < runner.options.max_attempts:
-            submit(item, job.tries + 1)
-            return
-        runner.finish(item, error=f"lost with its Ray node {job.tries} time(s) ({type(exc).__name__})")
-        return
-    except ray.exceptions.RayError as exc:  # the worker died max_attempts times (Ray's retries are spent)
-        runner.finish(
-            item,
-            error=f"the Ray worker processing this series died {runner.options.max_attempts} time(s)"
-            f" (out of memory or a crash?): {type(exc).__name__}",
-        )
+    except ray.exceptions.RayError as exc:
+        # A failed stage fails the stages after it: unwrap to the first failure.
+        cause: BaseException = exc
+        while isinstance(cause, ray.exceptions.RayTaskError) and isinstance(cause.cause, ray.exceptions.RayError):
+            cause = cause.cause
+        if isinstance(cause, _lost_errors(ray)):
+            if job.tries < runner.options.max_attempts:
+                submit(item, job.tries + 1)
+                return
+            runner.finish(item, error=f"lost with its Ray node {job.tries} time(s) ({type(cause).__name__})")
+        elif isinstance(cause, ray.exceptions.RayTaskError):  # an exception the stage did not turn into data
+            runner.finish(item, error=f"unexpected error on a Ray worker: {cause.cause!r}")
+        else:  # the worker died max_attempts times (Ray's retries are spent)
+            runner.finish(
+                item,
+                error=f"the Ray worker processing this series died {runner.options.max_attempts} time(s)"
+                f" (out of memory or a crash?): {type(cause).__name__}",
+            )
         return
     if "error" in outcome:
         runner.finish(item, error=outcome["error"], timings=outcome.get("timings"))

@@ -170,15 +170,17 @@ def _crash_point(name: str, key: str = "") -> None:
 
     ``MEDSEG_BATCH_CRASH_AT=<point>[:<n>]`` SIGKILLs this process the n-th time (default: the
     first) it reaches ``point`` (``claimed``, ``loaded``, ``predicted``, ``outputs_written``,
-    ``renamed``, ``committed``).  ``MEDSEG_BATCH_RAISE_AT=<point>:<text>`` raises an exception at
-    ``point`` (``loaded``, ``predicted``, ``outputs_written``) for every series whose key contains
-    ``text`` (a worker that fails on one series).
+    ``renamed``, ``committed``).  ``MEDSEG_BATCH_RAISE_AT=<point>:<text>`` raises an exception and
+    ``MEDSEG_BATCH_KILL_AT=<point>:<text>`` SIGKILLs the process at ``point`` (``loaded``,
+    ``predicted``, ``outputs_written``) for every series whose key contains ``text`` (a worker that
+    fails, or dies, on one series).
     """
-    raise_at = os.environ.get("MEDSEG_BATCH_RAISE_AT")
-    if raise_at:
-        point, _, text = raise_at.partition(":")
+    for variable in ("MEDSEG_BATCH_RAISE_AT", "MEDSEG_BATCH_KILL_AT"):
+        point, _, text = os.environ.get(variable, "").partition(":")
         if point == name and text and text in key:
-            raise RuntimeError(f"injected fault at {name} (MEDSEG_BATCH_RAISE_AT)")
+            if variable == "MEDSEG_BATCH_KILL_AT":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at {name} ({variable})")
     spec = os.environ.get("MEDSEG_BATCH_CRASH_AT")
     if not spec:
         return
