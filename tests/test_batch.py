@@ -110,7 +110,7 @@ def build_archive(root: Path) -> dict[str, str]:
         "Phantom CT c003": "skipped",
         "Phantom CT c004": "skipped",
         "Phantom CT c005": "failed",
-        "Phantom CT c006": "failed",
+        "Phantom CT c006": "partial",  # blanked UIDs: NIfTI and volumes written, SEG/RTSTRUCT refused
         "Phantom CT c007": "skipped",
         "RTSTRUCT object": "skipped",
         "SR object": "skipped",
@@ -270,7 +270,7 @@ def test_batch_on_messy_archive_then_resume(
     args = [str(archive), "--model", str(tiny_model), "--out", str(out), "--rules", str(RULES)]
     code = batch_main([*args, "--outputs", ALL_OUTPUTS, "--workers", "2", "--quiet"])  # with prefetch
     printed = capsys.readouterr()
-    assert code == 1  # two series failed
+    assert code == 1  # a series failed, another one has failed outputs
 
     with Manifest(out / "manifest.sqlite") as m:
         rows = by_description(m)
@@ -282,10 +282,18 @@ def test_batch_on_messy_archive_then_resume(
         assert "contains excluded ['LOCALIZER']" in reasons["Phantom CT c004"]
         assert "NumberOfSlices 5 < 20" in reasons["Phantom CT c007"]
         assert "missing" in reasons["Phantom CT c005"] and "slice" in reasons["Phantom CT c005"]
-        assert (
-            "empty SeriesInstanceUID" in reasons["Phantom CT c006"]
-            and "--outputs nifti,json" in reasons["Phantom CT c006"]
-        )
+        assert "seg failed" in reasons["Phantom CT c006"] and "rtstruct failed" in reasons["Phantom CT c006"]
+        assert "empty SeriesInstanceUID" in reasons["Phantom CT c006"]
+        status = json.loads(rows["Phantom CT c006"]["output_status"])
+        assert status["nifti"] == {"files": ["segmentation.nii.gz", "segmentation.json"]}
+        assert status["json"] == {"files": ["volumes.json"]} and set(status["seg"]) == {"error"}
+        anon = out / rows["Phantom CT c006"]["out_dir"]
+        assert sorted(p.name for p in anon.iterdir()) == [
+            ".medseg-series.json",
+            "segmentation.json",
+            "segmentation.nii.gz",
+            "volumes.json",
+        ]
         assert rows["Phantom CT c006"]["key"].startswith("nouid-")
         assert "not an image series: RT structure set" in reasons["RTSTRUCT object"]
         assert "not an image series: structured report" in reasons["SR object"]
@@ -296,7 +304,7 @@ def test_batch_on_messy_archive_then_resume(
         text = printed.out + printed.err + json.dumps(summary) + json.dumps([r["error"] for r in rows.values()])
         assert "MEDSEG-c0" not in text and "Phantom^" not in text
         assert "<redacted>" in rows["Phantom CT c005"]["error"]
-        assert "2 failed" in printed.out and "FAILED" in printed.out
+        assert "1 partial, 1 failed" in printed.out and "FAILED" in printed.out and "PARTIAL" in printed.out
         done = [rows[f"Phantom CT c00{i}"] for i in range(3)]
 
     sources = [archive / "Phantom^c000" / "1", archive, archive / "c" / "d" / "e" / "c002"]
@@ -313,7 +321,7 @@ def test_batch_on_messy_archive_then_resume(
     assert np.allclose(nib.load(str(out / done[0]["out_dir"] / "segmentation.nii.gz")).affine, grid.affine, atol=1e-4)
     assert_no_leftovers(out)
     summary_file = json.loads((out / "summary.json").read_text())
-    assert summary_file["counts"] == {"pending": 0, "running": 0, "done": 3, "failed": 2, "skipped": 5}
+    assert summary_file["counts"] == {"pending": 0, "running": 0, "done": 3, "partial": 1, "failed": 1, "skipped": 5}
 
     # Re-run: nothing is processed again.
     summary = run_batch(
@@ -331,18 +339,20 @@ def test_batch_on_messy_archive_then_resume(
     assert summary["run"]["outputs_missing"] == 1
     with Manifest(out / "manifest.sqlite") as m:
         counts = m.completion_counts()
-        assert counts == {done[0]["key"]: 2, done[1]["key"]: 1, done[2]["key"]: 2}
+        anon_key = by_description(m)["Phantom CT c006"]["key"]  # a partial completion is a completion too
+        assert counts == {done[0]["key"]: 2, done[1]["key"]: 1, done[2]["key"]: 2, anon_key: 1}
         assert [e["detail"] for e in m.events(done[2]["key"], "reset")] == ["inputs changed since it was done"]
         assert [e["detail"] for e in m.events(done[0]["key"], "reset")] == ["outputs of a done series are missing"]
         row = by_description(m)["Phantom CT c002"]
     assert np.array_equal(check_outputs(out, row, sources[2], outputs={"seg", "json"}), first[row["key"]])
-    # --retry-failed: the failed ones are tried again (and fail again, with the same reasons).
+    # --retry-failed: the failed one is tried again (and fails again, with the same reason); the partial one
+    # is not, since the outputs asked for now (nifti, json) exist.
     summary = run_batch(archive, tiny_model, out, BatchOptions(rules=RULES, retry_failed=True, progress=False))
-    assert summary["run"]["processed"] == 2 and summary["counts"]["failed"] == 1  # c006 works without DICOM outputs
+    assert summary["run"]["processed"] == 1 and summary["counts"]["failed"] == 1
     with Manifest(out / "manifest.sqlite") as m:
         rows = by_description(m)
         assert rows["Phantom CT c005"]["attempts"] == 2 and rows["Phantom CT c005"]["state"] == "failed"
-        assert rows["Phantom CT c006"]["state"] == "done"
+        assert rows["Phantom CT c006"]["state"] == "partial"
     assert_no_leftovers(out)
 
 

@@ -109,13 +109,17 @@ def _summary(stdout: str) -> dict[str, Any]:
     return dict(json.loads(stdout[stdout.index("\n{") + 1 :] if not stdout.startswith("{") else stdout))
 
 
+def _done(out: Path) -> int:
+    return sum(state == "done" for state, _, _ in _states(out).values())
+
+
 def _max_in_flight(out: Path) -> int:
     """Most series claimed and not yet finished at any one time (from the manifest's event log)."""
     with Manifest(out / "manifest.sqlite") as m:
         events = m.events()
     now = peak = 0
     for event in events:
-        now += {"claimed": 1, "done": -1, "failed": -1, "released": -1}.get(event["event"], 0)
+        now += {"claimed": 1, "done": -1, "failed": -1, "skipped": -1, "released": -1}.get(event["event"], 0)
         peak = max(peak, now)
     return peak
 
@@ -146,8 +150,8 @@ def test_engine_ray_without_ray_is_a_clear_error(tmp_path: Path, monkeypatch: py
 
 def test_write_attempts_are_isolated_and_checked(tmp_path: Path, tiny_model: Path) -> None:
     """Each write-task execution has its own folder; the driver commits the one its result names, nothing else."""
-    from medseg.batch.ray_engine import write_stage
-    from medseg.batch.runner import _Runner, read_series
+    from medseg.batch.ray_engine import SeriesWork, read_stage, write_stage
+    from medseg.batch.runner import _Runner
     from medseg.io.volume import Volume
 
     archive = tmp_path / "archive"
@@ -158,34 +162,44 @@ def test_write_attempts_are_isolated_and_checked(tmp_path: Path, tiny_model: Pat
         claim = m.claim()
         assert claim is not None
         runner = _Runner(archive.resolve(), out.resolve(), tiny_model, BatchOptions(progress=False), m)
-        volume, sources = read_series(runner.work, claim)
-        labels = np.zeros(volume.geometry.shape, dtype=np.uint8)
-        labels[5:9, 5:9, 2:4] = 1
-        predicted = {"label": Volume(labels, volume.geometry, kind="label"), "names": {1: "x"}, "timings": {}}
-        info = {"sources": sources, "load_s": 0.0}
-        stale = write_stage(runner.work, claim, volume, info, predicted)  # the driver made no temp folder yet
-        assert "error" in stale and not runner.work.temp_dir(claim).exists()
-        runner.work.temp_dir(claim).mkdir(parents=True)
-        first, second = (write_stage(runner.work, claim, volume, info, predicted) for _ in range(2))
-        assert first["marker"]["attempt"] != second["marker"]["attempt"]
-        (runner.work.temp_dir(claim) / first["marker"]["attempt"] / "volumes.json").unlink()
-        runner.finish(runner.prepare(claim), marker=second["marker"])
+        work = SeriesWork(runner.root, runner.model_dir, runner.model_id, tuple(runner.specs), True,
+                          dict(runner.label_names), "binary", {})  # fmt: skip
+
+        def write(claim: Any) -> tuple[dict[str, Any], Path, np.ndarray]:
+            task = runner.task(claim)
+            volume, loaded = read_stage(work, task)
+            labels = np.zeros(volume.geometry.shape, dtype=np.uint8)
+            labels[5:9, 5:9, 2:4] = 1
+            predicted = {"label": Volume(labels, volume.geometry, kind="label"), "timings": {}}
+            temp = runner.temp_dir(claim)
+            outcome = write_stage(work, task, volume, loaded, predicted, temp, runner.report_fields(claim))
+            return outcome, temp, labels
+
+        stale, temp, _ = write(claim)  # the driver made no temp folder for the claim: nothing may be written
+        assert "error" in stale and not temp.exists()
+        temp.mkdir(parents=True)
+        (first, _, _), (second, _, labels) = write(claim), write(claim)
+        assert first["attempt"] != second["attempt"]
+        (temp / first["attempt"] / "volumes.json").unlink()
+        runner.finish(runner.prepare(claim), loaded=second["loaded"], result=second["result"],
+                      folder=temp / second["attempt"], seconds=0.1)  # fmt: skip
         row = m.rows()[0]
         assert row["state"] == "done" and m.completion_counts() == {claim.key: 1}
-        marker = json.loads((out / row["out_dir"] / ".medseg-series.json").read_text())
-        assert marker["attempt"] == second["marker"]["attempt"]
         assert np.array_equal(np.asarray(nib.load(str(out / row["out_dir"] / "segmentation.nii.gz")).dataobj), labels)
+        assert (out / row["out_dir"] / "volumes.json").is_file()
         assert_no_leftovers(out)
         # A finished folder missing a file is never committed.
-        shutil.rmtree(out / row["out_dir"])  # (else the new claim adopts the complete folder)
-        m.reset(claim.key, "again")
+        shutil.rmtree(out / row["out_dir"])  # (else the new claim adopts or keeps the complete folder)
+        assert m.reset(claim.key, "again")
         claim = m.claim()
         assert claim is not None
-        runner.work.temp_dir(claim).mkdir(parents=True)
-        broken = write_stage(runner.work, claim, volume, info, predicted)
-        (runner.work.temp_dir(claim) / broken["marker"]["attempt"] / "segmentation.nii.gz").unlink()
-        runner.finish(runner.prepare(claim), marker=broken["marker"])
-        assert m.rows()[0]["state"] == "failed" and "missing from the finished folder" in m.rows()[0]["error"]
+        runner.temp_dir(claim).mkdir(parents=True)
+        broken, temp, _ = write(claim)
+        (temp / broken["attempt"] / "segmentation.nii.gz").unlink()
+        runner.finish(runner.prepare(claim), loaded=broken["loaded"], result=broken["result"],
+                      folder=temp / broken["attempt"], seconds=0.1)  # fmt: skip
+        row = m.rows()[0]
+        assert row["state"] == "failed" and "missing from the finished folder" in row["error"]
         assert_no_leftovers(out)
 
 
@@ -208,7 +222,7 @@ def test_ray_equals_single_process_and_a_raising_worker_fails_one_series(
     assert "injected fault at predicted (MEDSEG_BATCH_RAISE_AT)" in rows[poisoned][2]
     assert 0 < _max_in_flight(out) <= run["ray_in_flight"] == 2 * (2 + 1)  # backpressure: workers x (prefetch + 1)
     compared = assert_same_outputs(out, baseline, except_keys={poisoned})
-    assert compared == SERIES - 1
+    assert compared == _done(baseline) - 1 >= SERIES - 4
     local = _states(baseline)
     assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()) - 1)
     assert_no_leftovers(out)
@@ -222,7 +236,7 @@ def test_ray_node_killed_mid_run_loses_nothing(archive: Path, baseline: Path, ti
     (step,) = run_cluster([{"argv": _batch_argv(archive, tiny_model, out), "kill": kill, "timeout": 600}], tmp_path)
     assert step["killed"], "the second node's raylet was not killed mid-run"
     assert step["returncode"] in (0, 1), step["stderr"]
-    assert assert_same_outputs(out, baseline) == SERIES
+    assert assert_same_outputs(out, baseline) == _done(baseline) >= SERIES - 3
     local = _states(baseline)
     assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()))
     assert_no_leftovers(out)
@@ -241,7 +255,7 @@ def test_ray_driver_killed_then_rerun_resumes(archive: Path, baseline: Path, tin
     assert second["returncode"] in (0, 1), second["stderr"]
     resumed = _summary(second["stdout"])["run"]
     assert resumed["reclaimed"] >= 1 and resumed["processed"] < len(_states(baseline))
-    assert assert_same_outputs(out, baseline) == SERIES
+    assert assert_same_outputs(out, baseline) == _done(baseline) >= SERIES - 3
     local = _states(baseline)
     assert_exactly_once(out / "manifest.sqlite", sum(s == "done" for s, _, _ in local.values()))
     assert_no_leftovers(out)
@@ -278,6 +292,6 @@ def test_ray_worker_dying_on_one_series_fails_it_after_max_attempts(
     rows = _states(out)
     assert rows[deadly][0] == "failed"
     assert "the Ray worker processing this series died 2 time(s)" in rows[deadly][2]
-    assert assert_same_outputs(out, baseline, except_keys={deadly}) == SERIES - 1
-    assert_exactly_once(out / "manifest.sqlite", SERIES - 1)
+    assert assert_same_outputs(out, baseline, except_keys={deadly}) == _done(baseline) - 1
+    assert_exactly_once(out / "manifest.sqlite", _done(baseline) - 1)
     assert_no_leftovers(out)

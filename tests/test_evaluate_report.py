@@ -285,17 +285,56 @@ def test_html_report_renders_in_headless_chromium(totalseg_report: tuple[Path, d
     worst = min((c for c in summary["classes"].values() if c["dice"]["n"]), key=lambda c: c["dice"]["mean"])
     assert f'data-v="{float(worst["dice"]["mean"])!r}"' in first_row
 
+    # At 1300 px no table needs horizontal scrolling (the page's script measures every table box).
+    narrow = run_chromium(["--window-size=1300,2000", "--dump-dom"], page.as_uri())
+    assert 'data-overflow=""' in narrow.stdout, narrow.stdout.split("<body", 1)[1][:200]
     shot = tmp_path / "report.png"
-    result = run_chromium(["--window-size=1280,2000", f"--screenshot={shot}", "--hide-scrollbars"], page.as_uri())
+    result = run_chromium(["--window-size=1300,2000", f"--screenshot={shot}", "--hide-scrollbars"], page.as_uri())
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     from PIL import Image
 
     with Image.open(shot) as image:
-        assert image.size == (1280, 2000)
+        assert image.size == (1300, 2000)
         pixels = np.asarray(image.convert("L"), dtype=np.float32)
     # Text, tables and the plot: far from a blank page, and the top band has dark heading text.
     assert pixels.std() > 20 and (pixels < 80).mean() > 0.01
     assert (pixels[:60] < 100).any()
+    # The per-structure table's last column ("One side empty") is on screen: its right border is inside.
+    table_rows = pixels[300:700]
+    assert (table_rows[:, 1240:1290] < 230).any()
+
+
+def test_overlay_colours_and_worst_cases(totalseg_report: tuple[Path, dict], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from medseg.evaluate.api import _worst_cases
+    from medseg.evaluate.overlays import PREDICTION_COLOUR, REFERENCE_COLOUR
+
+    out, _ = totalseg_report
+    with Image.open(out / "overlays" / "example_seg.png") as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    def near(colour: str) -> int:
+        target = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+        return int((np.abs(rgb - target).sum(axis=-1) < 60).sum())
+
+    assert near(REFERENCE_COLOUR) > 200 and near(PREDICTION_COLOUR) > 200  # two colours, not one
+    # A perfect case is not a "worst case", even when there are few cases.
+    rows = [
+        {"case": "perfect", "kind": "class", "dice": 1.0},
+        {"case": "perfect", "kind": "class", "dice": float("nan")},
+        {"case": "bad", "kind": "class", "dice": 0.5},
+        {"case": "bad", "kind": "class", "dice": 1.0},
+        {"case": "empty", "kind": "class", "dice": float("nan")},
+    ]
+    assert _worst_cases(rows, 8) == [("bad", 0.75)]
+    preds, refs = tmp_path / "p", tmp_path / "r"
+    for case, shift in (("same", 0), ("moved", 2)):
+        _pred, ref = labels_pair(3)
+        write(refs, f"{case}.nii.gz", ref)
+        write(preds, f"{case}.nii.gz", ref if shift == 0 else np.roll(ref, shift, axis=0))
+    summary = evaluate_folders(preds, refs, out_dir=tmp_path / "report", label_names=NAMES)
+    assert [o["case"] for o in summary["overlays"]] == ["moved"]
 
 
 # ------------------------------------------------------------------ overlay geometry

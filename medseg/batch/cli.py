@@ -14,18 +14,25 @@ from typing import Any
 
 from medseg.errors import run_reporting_errors
 
-__all__ = ["add_batch_parser", "add_engine_arguments", "engine_options", "main", "parse_outputs", "print_summary"]
+__all__ = [
+    "add_batch_parser",
+    "add_engine_arguments",
+    "engine_options",
+    "main",
+    "parse_outputs",
+    "print_listing",
+    "print_summary",
+]
 
 
 def parse_outputs(text: str) -> tuple[str, ...]:
-    """Parse ``--outputs`` (an argparse type): comma-separated batch output kinds, de-duplicated in order."""
-    from medseg.batch.runner import OUTPUTS
+    """Parse ``--outputs`` (an argparse type): comma-separated output kinds, de-duplicated in order."""
+    from medseg.infer.writers import parse_output_list
 
-    items = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
-    bad = [p for p in items if p not in OUTPUTS]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown output(s) {bad or '(none)'}; choose from {','.join(OUTPUTS)}")
-    return items
+    try:
+        return parse_output_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +84,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=("nifti", "json"),
         help="comma-separated: nifti, seg (DICOM SEG), rtstruct, json (volumes per class); default nifti,json",
     )
-    p.add_argument("--retry-failed", action="store_true", help="process series that failed before again")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="process failed series again, and the failed outputs of partial series (only what is missing)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -100,17 +111,38 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=3,
         help="mark a series failed after its process died this many times on it (default 3)",
     )
-    p.add_argument("--device", default=None, help="inference device (default: model config)")
+    p.add_argument(
+        "--no-compat-check",
+        action="store_true",
+        help="segment selected series even when they do not fit the model (modality, channels, CT intensities)",
+    )
     add_engine_arguments(p)
     stage = p.add_mutually_exclusive_group()
-    stage.add_argument("--discover-only", action="store_true", help="fill the manifest and stop")
+    stage.add_argument(
+        "--discover-only",
+        action="store_true",
+        help="fill the manifest, list the selected and skipped series with the reasons, and stop",
+    )
     stage.add_argument("--no-discovery", action="store_true", help="process what the manifest holds (no re-scan)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary (and the --discover-only listing) as JSON")
+    p.add_argument(
+        "--show-patient-ids",
+        action="store_true",
+        help="--discover-only listing: show PatientIDs instead of the pseudonyms stored in the manifest"
+        " (printed only, never stored)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (otherwise: a bar on a terminal, one plain line per series in logs)",
+    )
+    from medseg.infer.cli import add_inference_arguments
+
+    add_inference_arguments(p, device_help="auto (default: model config), cpu, cuda, cuda:N")
 
 
 def print_summary(summary: dict[str, Any], *, as_json: bool = False, file: Any = None) -> None:
-    """Print the summary: JSON, or counts per state and the failures with reasons."""
+    """Print the summary: JSON, or counts per state, the failures and partial series with reasons."""
     file = file or sys.stdout
     if as_json:
         print(json.dumps(summary, indent=2, default=str), file=file)
@@ -124,13 +156,17 @@ def print_summary(summary: dict[str, Any], *, as_json: bool = False, file: Any =
     if run:
         rate = run.get("series_per_s")
         print(
-            f"this run: {run.get('processed', 0)} processed ({run.get('done', 0)} done, {run.get('failed', 0)} failed)"
+            f"this run: {run.get('processed', 0)} processed ({run.get('done', 0)} done, {run.get('partial', 0)}"
+            f" partial, {run.get('failed', 0)} failed, {run.get('skipped', 0)} skipped as not fitting the model)"
             + (f", {rate:.3g} series/s" if rate else "")
             + f", wall {run.get('wall_s', 0):.1f} s",
             file=file,
         )
     for item in summary.get("failed", []):
-        print(f"  FAILED {item['key']}: {item['error']}", file=file)
+        print(f"  FAILED {item.get('series', item['key'])}: {item['error']}", file=file)
+    for item in summary.get("partial", []):
+        for kind, why in item.get("failed_outputs", {}).items():
+            print(f"  PARTIAL {item.get('series', item['key'])}: {kind} failed: {why}", file=file)
     if summary.get("skipped_reasons"):
         print("skipped:", file=file)
         for reason, n in summary["skipped_reasons"].items():
@@ -145,8 +181,47 @@ def print_summary(summary: dict[str, Any], *, as_json: bool = False, file: Any =
         )
 
 
+def print_listing(listing: list[dict[str, Any]], *, file: Any = None) -> None:
+    """The ``--discover-only`` table: selected series, then skipped ones, with the reasons."""
+    file = file or sys.stdout
+    selected = [r for r in listing if r["selected"]]
+    skipped = [r for r in listing if not r["selected"]]
+    header = ("STATE", "PATIENT", "STUDY DATE", "SERIES", "MOD", "DESCRIPTION", "IMAGES", "REASON")
+    for title, rows in (("selected", selected), ("skipped", skipped)):
+        print(f"{title} ({len(rows)}):", file=file)
+        if not rows:
+            continue
+        table = [header] + [
+            (
+                r["state"],
+                r["patient"] or "-",
+                r["study_date"] or "-",
+                "-" if r["series_number"] is None else str(r["series_number"]),
+                r["modality"] or "-",
+                _clip(r["description"] or "-", 36),
+                str(r["images"]),
+                r["reason"],
+            )
+            for r in rows
+        ]
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
+        for row in table:
+            cells = [
+                str(c).rjust(w) if i in (3, 6) else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(row[:-1], widths, strict=True))
+            ]
+            print("  " + "  ".join(cells) + "  " + str(row[-1]), file=file)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
+    import shlex
+
     from medseg.batch.runner import BatchOptions, run_batch
+    from medseg.infer.cli import infer_overrides
 
     options = BatchOptions(
         outputs=tuple(args.outputs),
@@ -159,12 +234,35 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         discover=not args.no_discovery,
         process=not args.discover_only,
-        device=args.device,
         **engine_options(args),
+        device=args.device,
+        infer=infer_overrides(args, device=False),
+        compat_check=not args.no_compat_check,
     )
-    summary = run_batch(args.input_root, args.model, args.out, options)
+    patient_ids: dict[str, str] = {}
+    summary = run_batch(args.input_root, args.model, args.out, options, patient_ids=patient_ids)
+    if args.discover_only:
+        from medseg.batch.runner import series_listing
+
+        listing = series_listing(args.out, patient_ids=patient_ids if args.show_patient_ids else None)
+        if args.json:
+            print(json.dumps({"series": listing, "summary": summary}, indent=2, default=str))
+        else:
+            print_listing(listing)
+            print_summary(summary)
+        return 0
     print_summary(summary, as_json=args.json)
-    return 1 if summary["counts"].get("failed", 0) else 0
+    if summary.get("run", {}).get("interrupted"):
+        words = ["medseg", "batch", str(args.input_root), "--model", str(args.model), "--out", str(args.out)]
+        words += ["--outputs", ",".join(args.outputs)] + (["--rules", str(args.rules)] if args.rules else [])
+        print(
+            "interrupted: finished series are kept and the one in progress went back to pending; resume with the"
+            f" same command (and the same other options):\n  {shlex.join(words)}",
+            file=sys.stderr,
+        )
+        return 130
+    counts = summary["counts"]
+    return 1 if counts.get("failed", 0) or counts.get("partial", 0) else 0
 
 
 def add_batch_parser(subparsers: Any) -> None:
@@ -175,7 +273,8 @@ def add_batch_parser(subparsers: Any) -> None:
         description=(
             "Discover DICOM series under INPUT_ROOT (headers only), select them with --rules, segment each with"
             " --model and write the outputs under --out. Re-running resumes from OUT/manifest.sqlite; with"
-            " --engine ray the series are processed on a Ray cluster. Exit code 1 if any series failed."
+            " --engine ray the series are processed on a Ray cluster. Exit code 1 if any series failed or has failed"
+            " outputs, 130 after Ctrl-C (re-run the same command to resume). See docs/batch.md."
         ),
     )
     _add_arguments(p)

@@ -3,16 +3,19 @@
 The driver (:class:`medseg.batch.runner._Runner`, this process) keeps everything stateful:
 discovery, selection, the SQLite manifest (opened by this process only, on its local disk),
 claims and their leases, renaming finished outputs into place and recording them.  Ray runs the
-stateless per-series work of :mod:`medseg.batch.runner`, stage by stage::
+stateless per-series work of :mod:`medseg.batch.series`, stage by stage::
 
-    read task (CPU)          read_series(): DICOM -> Volume (numpy array + geometry) + source headers
-        |  object store      the array travels out-of-band (pickle protocol 5), zero-copy on its node
-    predictor actor (GPU)    loads the model once; predict_series() -> label Volume
+    read task (CPU)          series.load_task(): DICOM -> Volume (numpy array + geometry) + source headers,
+        |  object store      voxel-level model check; the array travels out-of-band (pickle protocol 5),
+        |                    zero-copy on its node
+    predictor actor (GPU)    loads the model once; predicts the label volume (unless kept labels are reused)
         |
-    write task (CPU)         write_series(): outputs into OUT/.tmp/<claim id>/<attempt>/ (shared filesystem;
-        |                    a folder per execution, so a worker wrongly thought dead cannot disturb its retry)
-    driver                   checks the files, renames the folder to its final place and marks the series
-                             done, in one manifest transaction (Runner.commit); removes OUT/.tmp/<claim id>
+    write task (CPU)         series.run_task() with that label: every output, independently, into
+        |                    OUT/.tmp/<claim id>/<attempt>/ (shared filesystem; a folder per execution, so a
+        |                    worker wrongly thought dead cannot disturb its retry)
+    driver                   checks the files, writes the marker, renames the folder to its final place and
+                             records the series done/partial, in one manifest transaction
+                             (Runner.commit_result); removes OUT/.tmp/<claim id>
 
 Ray provides placement (CPU tasks anywhere, one actor per GPU), data movement, retries and
 restarts: read and write tasks are retried by Ray when their worker or node dies
@@ -40,24 +43,18 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from medseg.batch.manifest import Claim
-from medseg.batch.runner import (
-    SeriesWork,
-    _make_predictor,
-    label_names_of,
-    model_fingerprint,
-    predict_series,
-    read_series,
-    write_series,
-)
+from medseg.batch.runner import _crash_point, _make_predictor, model_fingerprint
+from medseg.batch.series import LoadedSeries, SeriesTask, _reused_labels, load_task, run_task
 from medseg.errors import ConfigError, MedsegError, ModelError
+from medseg.infer.compat import ChannelSpec
 
 if TYPE_CHECKING:
     from medseg.batch.runner import _Item, _Runner
 
-__all__ = ["RAY_EXTRA", "import_ray", "run_on_ray"]
+__all__ = ["RAY_EXTRA", "SeriesWork", "import_ray", "run_on_ray"]
 
 RAY_EXTRA = "pip install 'medseg[ray]'"
 #: Environment variables forwarded to the workers (fault injection for the tests).
@@ -75,25 +72,64 @@ def import_ray() -> Any:
     return ray
 
 
-# ---------------------------------------------------------------------- stages (run on Ray workers)
-def _error(stage: str, exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, MedsegError):
-        return {"error": str(exc)}
-    return {"error": f"unexpected {type(exc).__name__} while {stage}: {exc}"}
+@dataclass(frozen=True)
+class SeriesWork:
+    """What the workers need to know about the run (small and picklable; the same paths on every node).
 
-
-def read_stage(work: SeriesWork, claim: Claim) -> tuple[Any, dict[str, Any]]:
-    """Read task: ``(volume or None, info)``; ``info`` holds the source headers, ``load_s`` or ``error``.
-
-    Two return values, so that the predictor receives only the volume and the writer fetches the
-    volume only when an output needs the image (RTSTRUCT).
+    Attributes:
+        root: Input archive.
+        model_dir: Model directory.
+        model_id: :func:`~medseg.batch.runner.model_fingerprint` of the model the driver saw.
+        specs: The model's input channels (voxel-level check while loading).
+        compat_check: Skip series that do not fit the model.
+        label_names: ``{value: name}`` of the model's classes.
+        seg_type: DICOM SEG encoding.
+        infer: Overrides of the model's inference settings.
     """
-    t0 = time.perf_counter()
-    try:
-        volume, sources = read_series(work, claim)
-    except Exception as exc:  # a bad series must not stop the batch: returned as data
-        return None, _error("loading", exc)
-    return volume, {"sources": sources, "load_s": round(time.perf_counter() - t0, 4)}
+
+    root: Path
+    model_dir: Path
+    model_id: str
+    specs: tuple[ChannelSpec, ...]
+    compat_check: bool
+    label_names: dict[int, str]
+    seg_type: Literal["binary", "labelmap"]
+    infer: dict[str, Any]
+
+
+# ---------------------------------------------------------------------- stages (run on Ray workers)
+def _unexpected(stage: str, exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, MedsegError) else f"unexpected {type(exc).__name__} while {stage}: {exc}"
+
+
+def read_stage(work: SeriesWork, task: SeriesTask) -> tuple[Any, LoadedSeries]:
+    """Read task: ``(volume or None, the loaded series without its volume)``.
+
+    Two return values, so that the predictor receives only the volume (out-of-band in the object
+    store) and the writer fetches it only when it writes.
+    """
+    loaded = load_task(work.root, task, specs=work.specs, compat_check=work.compat_check)
+    if loaded.error is None and loaded.skip is None:
+        try:
+            _crash_point("loaded", task.key)
+        except Exception as exc:
+            loaded.error, loaded.volume = _unexpected("loading", exc), None
+    volume, loaded.volume = loaded.volume, None
+    return volume, loaded
+
+
+def _needs_prediction(task: SeriesTask, volume: Any) -> bool:
+    """Whether :func:`run_task` will ask for a prediction (outputs to write, no kept labels to reuse)."""
+    carried = {
+        kind
+        for kind, entry in task.carry.items()
+        if task.carry_dir is not None
+        and entry.get("files")
+        and all((task.carry_dir / str(n)).is_file() for n in entry["files"])
+    }
+    if all(kind in carried for kind in task.outputs):
+        return False
+    return _reused_labels(task, volume) is None
 
 
 class PredictorWorker:
@@ -119,23 +155,26 @@ class PredictorWorker:
             raise ModelError(
                 f"{work.model_dir}: the model on this node ({found}) differs from the driver's ({work.model_id})"
             )
-        self.predictor = _make_predictor(work.model_dir, device)
-        self.names = label_names_of(self.predictor)
+        self.predictor = _make_predictor(work.model_dir, device, work.infer)
 
-    def predict(self, claim: Claim, volume: Any, info: dict[str, Any]) -> dict[str, Any]:
-        """``{"label", "names", "timings"}`` or ``{"error"}``."""
-        if volume is None:
-            return {"error": info.get("error", "not loaded")}
+    def predict(self, task: SeriesTask, volume: Any) -> dict[str, Any]:
+        """``{"label": Volume or None (nothing to predict), "timings"}`` or ``{"error"}``."""
+        if volume is None or not _needs_prediction(task, volume):
+            return {"label": None, "timings": {}}
         try:
             if not volume.array.flags.writeable:
                 # Zero-copy from the object store is read-only; the predictor normalises a writable
                 # array in place (and a read-only one through another, not bit-identical, path):
                 # one copy in the input's memory order keeps the outputs equal to a local run.
                 volume.array = volume.array.copy(order="K")
-            label, timings = predict_series(self.predictor, claim, volume)
+            t0 = time.perf_counter()
+            label = self.predictor.predict([volume])
+            _crash_point("predicted", task.key)
+            timings = {k: round(float(v), 4) for k, v in (getattr(self.predictor, "last_timings", {}) or {}).items()}
+            timings["infer_s"] = round(time.perf_counter() - t0, 4)
         except Exception as exc:
-            return _error("predicting", exc)
-        return {"label": label, "names": self.names, "timings": {"load_s": info["load_s"], **timings}}
+            return {"error": _unexpected("predicting", exc)}
+        return {"label": label, "timings": timings}
 
     def where(self) -> str:
         """Node id, device and CPU threads (for the run summary)."""
@@ -154,29 +193,59 @@ def _node_cpus(ray: Any) -> int:
     return int(os.cpu_count() or 1)
 
 
-def write_stage(
-    work: SeriesWork, claim: Claim, volume: Any, info: dict[str, Any], predicted: dict[str, Any]
-) -> dict[str, Any]:
-    """Write task: outputs into ``OUT/.tmp/<claim id>/<attempt>/``; ``{"marker"}`` or ``{"error"}``.
+@dataclass
+class _Predicted:
+    """The actor's label volume, handed to :func:`run_task` as if it were the predictor."""
 
-    Every execution of the task (Ray retries it when its worker dies) writes a folder of its own.
+    label: Any
+    last_timings: dict[str, float]
+
+    def predict(self, channels: Any) -> Any:
+        if self.label is None:
+            raise MedsegError("the kept labels could not be reused (changed since the claim?): retry the series")
+        return self.label
+
+
+def write_stage(
+    work: SeriesWork,
+    task: SeriesTask,
+    volume: Any,
+    loaded: LoadedSeries,
+    predicted: dict[str, Any],
+    temp_dir: Path,
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """Write task: every output into ``temp_dir/<attempt>/``.
+
+    Every execution of the task (Ray retries it when its worker dies) writes a folder of its own,
+    which must not exist, inside ``temp_dir``, which must (the driver makes it and removes it).
+
+    Returns:
+        ``{"loaded", "result", "attempt", "seconds"}``, or ``{"loaded", "error"}``, or ``{"loaded"}``
+        alone when loading failed or the series does not fit the model.
     """
+    if volume is None:
+        return {"loaded": loaded}
     if "error" in predicted:
-        return {"error": predicted["error"]}
+        return {"loaded": loaded, "error": predicted["error"]}
+    attempt = uuid.uuid4().hex
+    t0 = time.perf_counter()
     try:
-        marker = write_series(
-            work,
-            claim,
-            volume,
-            info["sources"],
-            predicted["label"],
-            predicted["names"],
-            predicted["timings"],
-            attempt=uuid.uuid4().hex,
-        )
+        (temp_dir / attempt).mkdir()
+        loaded.volume = volume
+        model = _Predicted(predicted["label"], predicted["timings"])
+        result = run_task(
+            loaded, lambda: model, temp_dir / attempt, label_names=work.label_names, seg_type=work.seg_type,
+            report=report,
+        )  # fmt: skip
     except Exception as exc:
-        return _error("writing", exc)
-    return {"marker": marker}
+        return {"loaded": loaded, "error": _unexpected("writing", exc)}
+    finally:
+        loaded.volume = None
+    if "infer_s" in predicted["timings"]:  # measured by the actor; run_task saw only the hand-over
+        result.timings["infer_s"] = predicted["timings"]["infer_s"]
+    seconds = time.perf_counter() - t0 + float(predicted["timings"].get("infer_s", 0.0))
+    return {"loaded": loaded, "result": result, "attempt": attempt, "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------- the driver loop
@@ -230,7 +299,17 @@ def run_on_ray(runner: _Runner) -> dict[str, Any]:
 
 
 def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
-    options, work = runner.options, runner.work
+    options = runner.options
+    work = SeriesWork(
+        root=runner.root,
+        model_dir=runner.model_dir,
+        model_id=runner.model_id,
+        specs=tuple(runner.specs),
+        compat_check=options.compat_check,
+        label_names=dict(runner.label_names),
+        seg_type=options.seg_type,
+        infer=dict(options.infer),
+    )
     retries = options.max_attempts - 1
     nodes, cluster_gpus = _cluster_resources(ray)
     gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if cluster_gpus else 0.0)
@@ -260,13 +339,14 @@ def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
 
     def submit(item: _Item, tries: int) -> None:
         claim = item.claim
-        work.temp_dir(claim).mkdir(parents=True, exist_ok=True)  # the write attempts go inside
-        volume, info = read.remote(work, claim)
+        temp_dir = runner.temp_dir(claim)
+        temp_dir.mkdir(parents=True, exist_ok=True)  # the write attempts go inside
+        task = runner.task(claim)
+        volume, loaded = read.remote(work, task)
         actor = min(range(workers), key=load.__getitem__)  # the least busy predictor
         load[actor] += 1
-        predicted = actors[actor].predict.remote(claim, volume, info)
-        image = volume if "rtstruct" in work.outputs else None
-        result = write.remote(work, claim, image, info, predicted)
+        predicted = actors[actor].predict.remote(task, volume)
+        result = write.remote(work, task, volume, loaded, predicted, temp_dir, runner.report_fields(claim))
         inflight[result] = _InFlight(item, actor, result, tries)
 
     try:
@@ -278,7 +358,7 @@ def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
                     exhausted = True
                     break
                 item = runner.prepare(claim)
-                if item.error is not None or item.adopt is not None:
+                if item.adopt is not None:
                     runner.finish(item)
                 else:
                     submit(item, 1)
@@ -292,7 +372,7 @@ def _drive(ray: Any, runner: _Runner) -> dict[str, Any]:
     except BaseException:
         for job in inflight.values():
             runner.manifest.release(job.item.claim)
-            shutil.rmtree(work.temp_dir(job.item.claim), ignore_errors=True)
+            shutil.rmtree(runner.temp_dir(job.item.claim), ignore_errors=True)
         raise
     return {"engine": "ray", "ray_nodes": nodes, "ray_workers": workers, "ray_gpus_per_worker": gpus,
             "ray_in_flight": limit, "ray_predictors": where}  # fmt: skip
@@ -328,7 +408,9 @@ def _collect(ray: Any, runner: _Runner, job: _InFlight, submit: Any) -> None:
                 f" (out of memory or a crash?): {type(cause).__name__}",
             )
         return
-    if "error" in outcome:
-        runner.finish(item, error=outcome["error"], timings=outcome.get("timings"))
+    loaded = outcome["loaded"]
+    if "result" in outcome:
+        folder = runner.temp_dir(item.claim) / outcome["attempt"]
+        runner.finish(item, loaded=loaded, result=outcome["result"], folder=folder, seconds=outcome["seconds"])
     else:
-        runner.finish(item, marker=outcome["marker"])
+        runner.finish(item, loaded=loaded, error=outcome.get("error"))

@@ -3,23 +3,29 @@
 One call of :func:`run_batch` (one ``medseg batch`` process, the *driver*):
 
 1. **Discovery** (headers only, :func:`medseg.io.dicom.scan_dicom`) groups the archive into
-   series; every series gets a decision from the selection rules and is streamed into the
-   manifest (:mod:`medseg.batch.manifest`) with its input fingerprint.  Non-image objects
-   (SR, RTSTRUCT, SEG, ...) become skipped series with the reason; non-DICOM and unreadable
-   files are recorded as ignored.
+   series; every series gets a decision from the selection rules, then from the model's input
+   channels (:func:`medseg.infer.compat.check_header`: modality, channels, 4D), and is streamed
+   into the manifest (:mod:`medseg.batch.manifest`) with its input fingerprint and a patient
+   pseudonym.  Non-image objects (SR, RTSTRUCT, SEG, ...) become skipped series with the reason;
+   non-DICOM and unreadable files are recorded as ignored.
 2. **Recovery**: ``running`` rows left by dead processes go back to ``pending``; temporary
    output folders of dead claims are removed.
-3. **Processing**, by an execution strategy: in this process (``engine="local"``: loader threads
-   claim series atomically and read/decode them into a bounded queue - ``workers`` threads,
-   ``prefetch`` slots - while the main thread predicts and writes the previous one, so at most
-   ``workers + prefetch + 1`` volumes are in memory whatever the archive size), or on a Ray
-   cluster (``engine="ray"``, :mod:`medseg.batch.ray_engine`).  Both run the same per-series
-   functions (:func:`read_series`, :func:`predict_series`, :func:`write_series`), which never
-   touch the manifest; only the driver claims, renames and records.  All outputs of a series
-   are written into ``OUT/.tmp/<claim>/`` and renamed to their final folder inside the manifest
-   transaction that marks the series ``done``.  A series that fails is recorded with its
-   (redacted) reason and the run continues.
-4. **Summary**: counts per state, failures with reasons, as ``summary.json`` and returned.
+3. **Processing**: this module is the *driver* (claims, manifest, commits); the work on one
+   series is :mod:`medseg.batch.series` (load + voxel-level model check, predict or reuse kept
+   labels, write each output independently into a temp folder), which never touches the
+   manifest.  How series are executed is a strategy: in this process (``engine="local"``), or on a
+   Ray cluster (``engine="ray"``, :mod:`medseg.batch.ray_engine`: read tasks, predictor actors,
+   write tasks; :meth:`_Runner.commit_result` records what they wrote).  Locally, loader threads
+   claim series atomically and read/decode them into a bounded queue (``workers`` threads,
+   ``prefetch`` slots) while the main thread predicts and writes the previous one, so at most
+   ``workers + prefetch + 1`` volumes are in memory whatever the archive size.  The temp folder
+   ``OUT/.tmp/<claim>/`` is renamed to the final folder inside the manifest transaction that
+   records the series ``done`` (every output written) or ``partial`` (some outputs failed: the
+   others are kept, the reasons recorded per output).  A series that
+   fails entirely is recorded with its (redacted) reason and the run continues.  Ctrl-C finishes
+   the series being written or releases the one in progress, then ends the run.
+4. **Summary**: counts per state, failures and partial series with reasons, every output path,
+   as ``summary.json`` and returned.
 
 Output layout (names from DICOM attributes are sanitised; nothing can escape ``OUT``)::
 
@@ -30,13 +36,15 @@ Output layout (names from DICOM attributes are sanitised; nothing can escape ``O
         seg.dcm                        DICOM SEG (``seg``)
         rtstruct.dcm                   RTSTRUCT (``rtstruct``)
         volumes.json                   volume per class in mL (``json``)
-        .medseg-series.json            completion marker (key, input fingerprint, model)
+        .medseg-series.json            completion marker (key, input fingerprint, model, output status)
 
 Scale-out past one machine: ``engine="ray"`` (docs/batch.md).  The manifest stays on the
 driver's local disk; several processes on one host may still share it (claims are atomic).
 
 Patient names and IDs are never printed or stored in messages: errors are redacted with the
-identifying values of the series' own header before they reach the log or the manifest.
+identifying values of the series' own header before they reach the log or the manifest, and
+series are named by :func:`medseg.batch.manifest.series_label` (pseudonym, study date, series
+number, description).  User documentation: ``docs/batch.md``.
 """
 
 from __future__ import annotations
@@ -49,11 +57,11 @@ import queue
 import re
 import shutil
 import signal
-import tempfile
+import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,22 +69,34 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.batch.manifest import Claim, Manifest, SeriesRecord, fingerprint_files
-from medseg.batch.selection import IDENTIFYING, SelectionRules, SeriesInfo, load_rules, plane_of
-from medseg.errors import ConfigError, InputError, MedsegError
-from medseg.io.images import write_json_atomic, write_volume
-from medseg.io.volume import Volume
+from medseg.batch.selection import SelectionRules, SeriesInfo, load_rules, plane_of
+from medseg.batch.series import (
+    LoadedSeries,
+    SeriesResult,
+    SeriesTask,
+    load_claimed_series,
+    load_task,
+    redact,
+    run_task,
+)
+from medseg.errors import ConfigError, InputError, MedsegError, ModelError
+from medseg.infer.compat import ChannelSpec, channel_specs, check_header
+from medseg.infer.writers import OUTPUTS
+from medseg.io.images import write_json_atomic
 from medseg.types import PathLike
 
 __all__ = [
     "OUTPUTS",
     "BatchOptions",
     "discover_records",
+    "load_claimed_series",
     "model_fingerprint",
+    "redact",
     "run_batch",
     "series_dir_name",
+    "series_listing",
 ]
 
-OUTPUTS = ("nifti", "seg", "rtstruct", "json")
 MARKER = ".medseg-series.json"
 _TMP = ".tmp"
 _NOT_SERIES_REASONS = ("not DICOM", "unreadable", "malformed header", "DICOMDIR")
@@ -103,12 +123,20 @@ class BatchOptions:
         process: Process series (off: discovery only).
         device: Inference device (default: the model config's; with Ray: ``cuda`` on actors given a
             GPU, else ``cpu``).
+        infer: Overrides of the model's ``config.infer`` (overlap, precision, mirroring, body crop,
+            post-processing, threads: the options ``medseg predict`` has; see
+            :func:`medseg.infer.cli.infer_overrides`).
         engine: Where series are processed: ``local`` (this process) or ``ray`` (a Ray cluster,
             :mod:`medseg.batch.ray_engine`; ``workers`` is then the number of predictor actors).
         address: Ray cluster address (``None``: ``RAY_ADDRESS``, a cluster started on this machine
             with ``ray start``, else a new local Ray instance).
         gpus_per_worker: GPUs per Ray predictor actor (default: 1 when the cluster has GPUs, else 0).
         cpus_per_reader: CPUs per Ray read/write task.
+        compat_check: Skip series that do not fit the model (modality, channels, CT intensities;
+            :mod:`medseg.infer.compat`) instead of segmenting them.
+        handle_sigint: In the main thread, the first Ctrl-C finishes the series being written (or
+            releases the one being loaded/predicted) and ends the run normally with ``interrupted`` set.
+            Off: ``KeyboardInterrupt`` propagates to the caller (after every claim was released).
     """
 
     outputs: tuple[str, ...] = ("nifti", "json")
@@ -123,6 +151,9 @@ class BatchOptions:
     discover: bool = True
     process: bool = True
     device: str | None = None
+    infer: dict[str, Any] = field(default_factory=dict)
+    compat_check: bool = True
+    handle_sigint: bool = True
     engine: Literal["local", "ray"] = "local"
     address: str | None = None
     gpus_per_worker: float | None = None
@@ -135,16 +166,26 @@ class BatchOptions:
             raise ConfigError(f"--outputs: unknown {unknown or 'empty list'} (choose from {', '.join(OUTPUTS)})")
         if (self.workers is not None and self.workers < 0) or self.prefetch < (0 if self.engine == "ray" else 1):
             raise ConfigError("--workers must be >= 0 and --prefetch >= 1 (>= 0 with --engine ray)")
-        if self.seg_type not in ("binary", "labelmap"):
-            raise ConfigError(f"--seg-type must be binary or labelmap, got {self.seg_type!r}")
-        if self.max_attempts < 1:
-            raise ConfigError("--max-attempts must be >= 1")
         if self.engine not in ("local", "ray"):
             raise ConfigError(f"--engine must be local or ray, got {self.engine!r}")
         if (self.gpus_per_worker is not None and self.gpus_per_worker < 0) or self.cpus_per_reader <= 0:
             raise ConfigError("--gpus-per-worker must be >= 0 and --cpus-per-reader > 0")
         if self.engine == "local" and (self.address or self.gpus_per_worker is not None):
             raise ConfigError("--address and --gpus-per-worker need --engine ray")
+        if self.seg_type not in ("binary", "labelmap"):
+            raise ConfigError(f"--seg-type must be binary or labelmap, got {self.seg_type!r}")
+        if self.max_attempts < 1:
+            raise ConfigError("--max-attempts must be >= 1")
+        if self.infer:
+            from pydantic import ValidationError
+
+            from medseg.config import InferConfig
+
+            try:
+                InferConfig.model_validate(self.infer)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ConfigError(f"inference options: {problems}") from None
 
 
 # ------------------------------------------------------------------ model
@@ -172,8 +213,8 @@ def _crash_point(name: str, key: str = "") -> None:
     first) it reaches ``point`` (``claimed``, ``loaded``, ``predicted``, ``outputs_written``,
     ``renamed``, ``committed``).  ``MEDSEG_BATCH_RAISE_AT=<point>:<text>`` raises an exception and
     ``MEDSEG_BATCH_KILL_AT=<point>:<text>`` SIGKILLs the process at ``point`` (``loaded``,
-    ``predicted``, ``outputs_written``) for every series whose key contains ``text`` (a worker that
-    fails, or dies, on one series).
+    ``predicted``) for every series whose key contains ``text`` (a worker that fails, or dies, on
+    one series).
     """
     for variable in ("MEDSEG_BATCH_RAISE_AT", "MEDSEG_BATCH_KILL_AT"):
         point, _, text = os.environ.get(variable, "").partition(":")
@@ -259,7 +300,15 @@ def _non_image_series(
 
     groups: dict[str, dict[str, Any]] = {}
     ignored: list[tuple[str, str]] = []
-    tags = ["SeriesInstanceUID", "StudyInstanceUID", "Modality", "SeriesDescription", "SeriesNumber"]
+    tags = [
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "Modality",
+        "SeriesDescription",
+        "SeriesNumber",
+        "PatientID",
+        "StudyDate",
+    ]
     for path, reason in skipped:
         rel = os.path.relpath(path, root)
         if reason.startswith(_NOT_SERIES_REASONS):
@@ -283,6 +332,8 @@ def _non_image_series(
                 "modality": str(ds.get("Modality", "") or ""),
                 "description": str(ds.get("SeriesDescription", "") or ""),
                 "series_number": _int(ds.get("SeriesNumber")),
+                "patient_id": str(ds.get("PatientID", "") or "").strip(),
+                "study_date": str(ds.get("StudyDate", "") or "").strip(),
             },
         )
         group["files"].append(path)
@@ -298,9 +349,24 @@ def _int(value: Any) -> int | None:
 
 
 def discover_records(
-    root: Path, rules: SelectionRules
+    root: Path,
+    rules: SelectionRules,
+    *,
+    specs: Sequence[ChannelSpec] = (),
+    pseudonym: Callable[[str], str] | None = None,
+    patient_ids: dict[str, str] | None = None,
 ) -> tuple[Iterator[SeriesRecord], list[tuple[str, str]], dict[str, Any]]:
     """Discover the archive and describe its series for the manifest.
+
+    Args:
+        root: Archive root.
+        rules: Selection rules.
+        specs: The model's input channels: a selected series that does not fit them (modality,
+            number of channels; :func:`medseg.infer.compat.check_header`) is skipped with the reason.
+            Empty: no check.
+        pseudonym: PatientID -> the pseudonym stored in the manifest (default: none stored).
+        patient_ids: Filled with ``{key: PatientID}`` for a listing the user asked for; PatientIDs are
+            never stored.
 
     Returns:
         A lazy iterator of :class:`SeriesRecord` (fingerprints computed as it is consumed), the
@@ -333,6 +399,15 @@ def discover_records(
         for series, info in zip(scan.series, infos, strict=True):
             key = info.key
             decision = decisions[key]
+            if decision.selected and specs:
+                volumes = int(getattr(series, "num_volumes", 1) or 1)
+                misfit = check_header(specs, modality=series.modality, volumes=volumes)
+                if misfit is not None:
+                    why = f"{decision.reason}, but does not fit the model: {misfit}"
+                    decision = type(decision)(False, decision.selection, why)
+            patient_id = str(getattr(series, "patient_id", "") or "")
+            if patient_ids is not None:
+                patient_ids[key] = patient_id
             note = "; ".join(notes.get(series.uid, []))
             try:
                 files, fingerprint = fingerprint_files(root, series.files)
@@ -352,6 +427,8 @@ def discover_records(
                 description=series.description,
                 series_number=getattr(series, "series_number", None),
                 notes=note,
+                patient=pseudonym(patient_id) if pseudonym else "",
+                study_date=str(getattr(series, "study_date", "") or ""),
             )
         for uid, group in sorted(non_image.items()):
             try:
@@ -369,7 +446,11 @@ def discover_records(
                 modality=group["modality"],
                 description=group["description"],
                 series_number=group["series_number"],
+                patient=pseudonym(group["patient_id"]) if pseudonym else "",
+                study_date=group["study_date"],
             )
+            if patient_ids is not None:
+                patient_ids[uid] = group["patient_id"]
 
     return records(), ignored, stats
 
@@ -396,350 +477,50 @@ def _inside(out: Path, relative: Path) -> Path:
     return target
 
 
-# --------------------------------------------------------------------- loading
-def _phi_terms(path: Path) -> list[str]:
-    """Identifying strings of a series (patient name and its parts, IDs, birth date) for redaction."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=sorted(IDENTIFYING), force=True)
-    except Exception:
-        return []
-    terms: set[str] = set()
-    for keyword in IDENTIFYING:
-        value = ds.get(keyword)
-        if value is None:
-            continue
-        values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-        for item in values:
-            text = str(item).strip()
-            if len(text) >= 3:
-                terms.add(text)
-            for part in re.split(r"[\^=\s,]+", text):
-                if len(part) >= 3:
-                    terms.add(part)
-    return sorted(terms, key=len, reverse=True)
-
-
-def redact(text: str, terms: Sequence[str], *, root: Path | None = None) -> str:
-    """Replace identifying ``terms`` (case-insensitive) and the input root prefix in ``text``."""
-    if root is not None:
-        text = text.replace(str(root) + os.sep, "")
-    for term in terms:
-        text = re.sub(re.escape(term), "<redacted>", text, flags=re.IGNORECASE)
-    return text
-
-
-def _single_folder(paths: list[Path]) -> Path | None:
-    """The folder holding exactly these files (recursively), or None."""
-    parents = {p.parent for p in paths}
-    if len(parents) != 1:
-        return None
-    folder = parents.pop()
-    count = 0
-    for _, _, names in os.walk(folder):
-        count += len(names)
-        if count > len(paths):
-            return None
-    return folder if count == len(paths) else None
-
-
-def load_claimed_series(root: Path, claim: Claim) -> Volume:
-    """Read the claimed series (only its own files; no other series of the archive are scanned).
-
-    Raises:
-        InputError: The series cannot be found again or loaded.
-    """
-    from medseg.io.dicom import load_series, scan_dicom
-
-    paths = [root / f for f in claim.files]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise InputError(missing[0], f"file of series {claim.key} vanished since discovery")
-    folder = _single_folder(paths)
-    links: Path | None = None
-    with contextlib.ExitStack() as stack:
-        if folder is None:  # the series shares folders with other files: scan links to its own files
-            folder = links = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medseg-batch-")))
-            for index, path in enumerate(paths):
-                os.symlink(path, folder / f"{index:06d}")
-        try:
-            scan = scan_dicom(folder, include_localizers=True)
-            candidates = [s for s in scan.series if s.key == claim.key]
-            candidates = candidates or (scan.series if len(scan.series) == 1 else [])
-            if len(candidates) != 1:
-                raise InputError(
-                    paths[0], f"series {claim.key} not found again in its files (changed since discovery?)"
-                )
-            return load_series(candidates[0], source=paths[0].parent)
-        except MedsegError as exc:
-            if links is None:
-                raise
-            message = re.sub(re.escape(str(links)) + r"/(\d{6})", lambda m: str(paths[int(m.group(1))]), str(exc))
-            raise MedsegError(message.replace(str(links), str(paths[0].parent))) from exc
-
-
-# ---------------------------------------------------------------------- writing
-def _volumes_ml(label: Volume, names: dict[int, str]) -> dict[str, dict[str, Any]]:
-    voxel_ml = abs(float(np.linalg.det(label.geometry.affine[:3, :3]))) / 1000.0
-    counts = np.bincount(np.asarray(label.array).ravel().astype(np.int64), minlength=max(names, default=0) + 1)
-    out: dict[str, dict[str, Any]] = {}
-    for value in range(1, len(counts)):
-        name = names.get(value, f"label {value}")
-        out[name] = {
-            "label": value,
-            "voxels": int(counts[value]),
-            "volume_ml": round(float(counts[value]) * voxel_ml, 4),
-        }
-    return out
-
-
-def _source_headers(root: Path, claim: Claim, volume: Volume) -> list[Any]:
-    """Headers of the slices the volume was built from (duplicates dropped), for SEG/RTSTRUCT."""
-    import pydicom
-
-    kept = [str(u) for u in volume.meta.get("sop_instance_uids", [])]
-    wanted = set(kept)
-    headers: dict[str, Any] = {}
-    for rel in claim.files:
-        ds = pydicom.dcmread(root / rel, stop_before_pixels=True)
-        uid = str(ds.get("SOPInstanceUID", "") or "")
-        if (not wanted or uid in wanted) and uid not in headers:
-            headers[uid] = ds
-    return list(headers.values())
-
-
-def _write_rtstruct(
-    label: Volume, image: Volume, sources: list[Any], path: Path, names: dict[int, str], description: str
-) -> None:
-    """RTSTRUCT through :func:`medseg.io.rtstruct.labels_to_rtstruct`, referencing the loaded series."""
-    from medseg.io.rtstruct import ReferenceSeries, labels_to_rtstruct
-
-    if not sources:
-        raise MedsegError(f"{path}: no source headers to reference")
-    header = sources[0]
-    sop_class = str(header.get("SOPClassUID", "") or "")
-    if not sop_class and getattr(header, "file_meta", None) is not None:
-        sop_class = str(header.file_meta.get("MediaStorageSOPClassUID", "") or "")
-    reference = ReferenceSeries(
-        folder=Path(str(getattr(header, "filename", "") or ".")).parent,
-        image=image,
-        header=header,
-        sop_class_uid=sop_class,
-        frame_of_reference_uid=str(header.get("FrameOfReferenceUID", "") or ""),
-    )
-    labels_to_rtstruct(
-        label,
-        reference,
-        path,
-        label_names={k: v for k, v in names.items() if k != 0},
-        series_description=description,
-        include_empty=True,  # every class, in model order, even without contours (an empty set is invalid DICOM)
-    )
-
-
-# ------------------------------------------------------- per-series work (no manifest)
-# These functions are what every execution strategy runs for a series: in this process
-# (:class:`_Runner`) or on Ray workers (:mod:`medseg.batch.ray_engine`).  They never open the
-# manifest; the driver alone claims series, renames their outputs into place and records them.
-@dataclass(frozen=True)
-class SeriesWork:
-    """What a worker needs to know to process claimed series (small and picklable).
-
-    Attributes:
-        root: Input archive (the same path on every worker).
-        out: Output folder (the same path on every worker); outputs go to ``OUT/.tmp/<claim id>/``.
-        model_dir: Model directory.
-        model_id: :func:`model_fingerprint` of the model the driver saw.
-        outputs: Output kinds, in :data:`OUTPUTS` order.
-        seg_type: DICOM SEG encoding.
-    """
-
-    root: Path
-    out: Path
-    model_dir: Path
-    model_id: str
-    outputs: tuple[str, ...]
-    seg_type: Literal["binary", "labelmap"] = "binary"
-
-    def temp_dir(self, claim: Claim) -> Path:
-        """``OUT/.tmp/<claim id>``: where the outputs of a claim are written before the driver renames them."""
-        return _inside(self.out, Path(_TMP) / claim.claim_id)
-
-
-def read_series(work: SeriesWork, claim: Claim) -> tuple[Volume, list[Any]]:
-    """Load a claimed series and, when DICOM outputs need them, its source headers.
-
-    Returns:
-        The image volume ``(1, X, Y, Z)`` and the pydicom headers of its slices (empty without
-        SEG/RTSTRUCT outputs).
-
-    Raises:
-        MedsegError: The series cannot be loaded.
-    """
-    volume = load_claimed_series(work.root, claim)
-    sources = _source_headers(work.root, claim, volume) if {"seg", "rtstruct"} & set(work.outputs) else []
-    _crash_point("loaded", claim.key)
-    return volume, sources
-
-
-def predict_series(predictor: Any, claim: Claim, volume: Volume) -> tuple[Volume, dict[str, float]]:
-    """Segment a loaded series.
-
-    Returns:
-        The label volume ``(1, X, Y, Z)`` on the input grid and the timings (``infer_s`` plus the
-        predictor's own stage timings).
-    """
-    t0 = time.perf_counter()
-    label = predictor.predict([volume])
-    _crash_point("predicted", claim.key)
-    timings = {"infer_s": round(time.perf_counter() - t0, 4)}
-    timings.update({k: round(float(v), 4) for k, v in (getattr(predictor, "last_timings", {}) or {}).items()})
-    return label, timings
-
-
-def write_series(
-    work: SeriesWork,
-    claim: Claim,
-    volume: Volume,
-    sources: list[Any],
-    label: Volume,
-    names: dict[int, str],
-    timings: dict[str, float],
-    *,
-    attempt: str | None = None,
-) -> dict[str, Any]:
-    """Write every output of a series into :meth:`SeriesWork.temp_dir`, the completion marker last.
-
-    Args:
-        work: The run's settings.
-        claim: The claimed series.
-        volume: The image it was segmented from.
-        sources: Its source headers (for SEG/RTSTRUCT).
-        label: The label volume ``(1, X, Y, Z)`` on the image's grid.
-        names: Label value -> class name.
-        timings: Timings so far (``load_s``, ``infer_s``, ...); ``write_s`` is added.
-        attempt: Write into ``<temp dir>/<attempt>/`` instead, which must not exist while the temp
-            dir must (a remote worker's attempt: a stale attempt of a worker thought dead can
-            neither disturb another attempt's folder nor recreate a temp dir the driver removed).
-
-    Returns:
-        The marker (also written as ``.medseg-series.json``; ``attempt`` names the folder).
-
-    Raises:
-        MedsegError: An output cannot be written (the temp folder is removed).
-    """
-    if attempt is None:
-        tmp = work.temp_dir(claim)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    else:
-        tmp = work.temp_dir(claim) / attempt
-        tmp.mkdir()
-    try:
-        t0 = time.perf_counter()
-        files = _write_outputs(work, tmp, claim, volume, sources, label, names)
-        timings = {**timings, "write_s": round(time.perf_counter() - t0, 4)}
-        marker = {
-            "key": claim.key,
-            "series_uid": claim.series_uid,
-            "study_uid": claim.study_uid,
-            "fingerprint": claim.fingerprint,
-            "model_id": work.model_id,
-            "outputs": list(work.outputs),
-            "files": files,
-            "timings": timings,
-            "claim_id": claim.claim_id,
-            "attempt": attempt,
-            "completed_at": time.time(),
-        }
-        write_json_atomic(tmp / MARKER, marker)
-        _crash_point("outputs_written", claim.key)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return marker
-
-
-def _write_outputs(
-    work: SeriesWork,
-    tmp: Path,
-    claim: Claim,
-    volume: Volume,
-    sources: list[Any],
-    label: Volume,
-    names: dict[int, str],
-) -> list[str]:
-    files: list[str] = []
-    label.meta.setdefault("series_uid", claim.series_uid)
-    if "nifti" in work.outputs:
-        write_volume(label, tmp / "segmentation.nii.gz", label_names=names)
-        files += ["segmentation.nii.gz", "segmentation.json"]
-    if "seg" in work.outputs:
-        from medseg.io.dicom_seg import write_dicom_seg
-
-        write_dicom_seg(
-            label,
-            sources,
-            tmp / "seg.dcm",
-            label_names=names,
-            segmentation_type=work.seg_type,
-            series_description=f"medseg SEG {claim.description}".strip()[:64],
-        )
-        files.append("seg.dcm")
-    if "rtstruct" in work.outputs:
-        _write_rtstruct(
-            label, volume, sources, tmp / "rtstruct.dcm", names, f"medseg RTSTRUCT {claim.description}".strip()[:64]
-        )
-        files.append("rtstruct.dcm")
-    if "json" in work.outputs:
-        report = {
-            "key": claim.key,
-            "series_uid": claim.series_uid,
-            "study_uid": claim.study_uid,
-            "modality": claim.modality,
-            "series_description": claim.description,
-            "model": str(work.model_dir),
-            "model_id": work.model_id,
-            "geometry": label.geometry.to_dict(),
-            "voxel_volume_ml": abs(float(np.linalg.det(label.geometry.affine[:3, :3]))) / 1000.0,
-            "classes": _volumes_ml(label, names),
-        }
-        write_json_atomic(tmp / "volumes.json", report)
-        files.append("volumes.json")
-    return files
-
-
-def label_names_of(predictor: Any) -> dict[int, str]:
-    """Label value -> class name of a predictor."""
-    return {int(k): str(v) for k, v in predictor.label_names.items()}
-
-
+# ---------------------------------------------------------------------- driver
 @dataclass
 class _Item:
     claim: Claim
-    volume: Volume | None = None
-    error: str | None = None
+    loaded: LoadedSeries | None = None
     adopt: dict[str, Any] | None = None
-    terms: list[str] = field(default_factory=list)
-    sources: list[Any] = field(default_factory=list)
-    load_s: float = 0.0
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 class _Runner:
+    """The driver: claims, manifest updates, commits; the per-series work is :mod:`medseg.batch.series`."""
+
     def __init__(self, root: Path, out: Path, model: Path, options: BatchOptions, manifest: Manifest):
         self.root, self.out, self.model_dir, self.options = root, out, model, options
         self.manifest = manifest
         self.model_id = model_fingerprint(model)
         self.outputs = tuple(o for o in OUTPUTS if o in options.outputs)
-        self.work = SeriesWork(root, out, model, self.model_id, self.outputs, options.seg_type)
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
         self._stop = threading.Event()
         self.predictor: Any = None
+        self.device: str | None = options.device
+        self.specs, self.label_names = _model_channels(model)
         self.workers = options.workers if options.workers is not None else 0
-        self.stats = {"processed": 0, "done": 0, "failed": 0, "adopted": 0}
+        self.stats = {
+            "processed": 0,
+            "done": 0,
+            "partial": 0,
+            "failed": 0,
+            "skipped": 0,
+            "adopted": 0,
+            "reused_labels": 0,
+        }
         self.bar: Any = None
+        self.total = 0
+        self.stage: str | None = None
+        self.interrupted = False
+        self._log_lines = False
         self.engine_info: dict[str, Any] = {"engine": options.engine}
 
     # ---------------------------------------------------------------- claims
@@ -765,6 +546,12 @@ class _Runner:
             with contextlib.suppress(Exception):
                 self.manifest.renew(ids, lease_s=self.options.lease_s)
 
+    def _predictor(self) -> Any:
+        """The predictor, built on first use (a run that only carries outputs over never loads the network)."""
+        if self.predictor is None:
+            self.predictor = _make_predictor(self.model_dir, self.device, self.options.infer)
+        return self.predictor
+
     # ---------------------------------------------------------------- stages
     def final_dir(self, claim: Claim) -> Path:
         relative = series_dir_name(
@@ -779,181 +566,287 @@ class _Runner:
             data = json.loads(marker.read_text())
         except (OSError, ValueError):
             return None
+        status = data.get("output_status") or {kind: {"files": []} for kind in data.get("outputs", [])}
         same = (
             data.get("key") == claim.key
             and data.get("fingerprint") == claim.fingerprint
             and data.get("model_id") == self.model_id
-            and set(self.outputs) <= set(data.get("outputs", []))
+            and set(self.outputs) <= set(status)
             and all((marker.parent / name).is_file() for name in data.get("files", []))
         )
-        return data if same else None
+        if not same:
+            return None
+        recorded = claim.previous.get("output_status") or {}
+        if recorded == status and claim.previous.get("done_fingerprint") == claim.fingerprint:
+            return None  # already recorded as it is: this is a retry, not an interrupted commit
+        return {**data, "output_status": status}
+
+    def task(self, claim: Claim) -> SeriesTask:
+        """What to do for a claimed series: the requested outputs, and what an earlier result lets us keep."""
+        task = SeriesTask(
+            key=claim.key,
+            files=list(claim.files),
+            series_uid=claim.series_uid,
+            study_uid=claim.study_uid,
+            modality=claim.modality,
+            description=claim.description,
+            label=claim.label,
+            outputs=self.outputs,
+        )
+        previous = claim.previous
+        if not (claim.out_dir and previous.get("model_id") == self.model_id):
+            return task
+        if previous.get("done_fingerprint") != claim.fingerprint:
+            return task
+        folder = _inside(self.out, Path(claim.out_dir))
+        if not (folder / MARKER).is_file():
+            return task
+        kept = {
+            kind: entry
+            for kind, entry in (previous.get("output_status") or {}).items()
+            if entry.get("files") and all((folder / str(n)).is_file() for n in entry["files"])
+        }
+        if not kept:
+            return task
+        task.carry_dir, task.carry = folder, kept
+        if "nifti" in kept:
+            task.labels_from = str(kept["nifti"]["files"][0])
+        return task
+
+    def temp_dir(self, claim: Claim) -> Path:
+        """``OUT/.tmp/<claim id>``: where the outputs of a claim are written before they are renamed into place."""
+        return _inside(self.out, Path(_TMP) / claim.claim_id)
 
     def prepare(self, claim: Claim) -> _Item:
-        """Driver-side checks of a claimed series before any pixel is read.
-
-        Reads the identifying terms for redaction, finds outputs completed by an interrupted run
-        (``item.adopt``) and refuses DICOM outputs for series without UIDs (``item.error``).
-        """
+        """A claimed series before anything is read: outputs an interrupted run completed are adopted."""
         item = _Item(claim)
-        try:
-            first = self.root / claim.files[0] if claim.files else self.root
-            item.terms = _phi_terms(first) if claim.files else []
+        with contextlib.suppress(MedsegError):
             item.adopt = self._adoptable(claim)
-            dicom_out = {"seg", "rtstruct"} & set(self.outputs)
-            if item.adopt is None and dicom_out and not (claim.series_uid and claim.study_uid):
-                raise InputError(
-                    first,
-                    "empty SeriesInstanceUID/StudyInstanceUID (anonymised by blanking UIDs?): DICOM SEG/RTSTRUCT"
-                    " outputs must reference the source by UID; run with --outputs nifti,json for this series",
-                )
-        except MedsegError as exc:
-            item.error = str(exc)
-        except Exception as exc:  # a bad case must not stop the batch
-            item.error = f"unexpected {type(exc).__name__} while loading: {exc}"
         return item
-
-    def load(self, claim: Claim) -> _Item:
-        t0 = time.perf_counter()
-        self.manifest.set_stage(claim, "loading")
-        item = self.prepare(claim)
-        if item.error is None and item.adopt is None:
-            try:
-                item.volume, item.sources = read_series(self.work, claim)
-            except MedsegError as exc:
-                item.error = str(exc)
-            except Exception as exc:  # a bad case must not stop the batch
-                item.error = f"unexpected {type(exc).__name__} while loading: {exc}"
-        item.load_s = time.perf_counter() - t0
-        return item
-
-    def process(self, item: _Item) -> None:
-        claim = item.claim
-        self.stats["processed"] += 1
-        try:
-            if item.error is not None:
-                self._fail(item, item.error)
-                return
-            if item.adopt is not None:
-                self.adopt(item)
-                return
-            try:
-                timings = self._predict_and_write(item)
-            except MedsegError as exc:
-                self._fail(item, str(exc), timings={"load_s": item.load_s})
-            except Exception as exc:
-                self._fail(item, f"unexpected {type(exc).__name__}: {exc}", timings={"load_s": item.load_s})
-            else:
-                self.stats["done"] += 1
-                del timings
-        except KeyboardInterrupt:
-            self.manifest.release(claim)
-            raise
-        finally:
-            self._drop(claim)
-            item.volume = None
-            item.sources = []
-            if self.bar is not None:
-                self.bar.update(1)
-                self.bar.set_postfix(done=self.stats["done"], failed=self.stats["failed"], refresh=False)
-
-    def adopt(self, item: _Item) -> None:
-        """Record a series whose outputs an interrupted run completed (``item.adopt``) as done."""
-        assert item.adopt is not None
-        final = self.final_dir(item.claim)
-        ok = self.manifest.complete(
-            item.claim,
-            out_dir=str(final.relative_to(self.out.resolve())),
-            outputs=item.adopt.get("outputs", self.outputs),
-            model_id=self.model_id,
-            timings=item.adopt.get("timings"),
-            detail="adopted outputs completed by an interrupted run",
-        )
-        self.stats["adopted"] += ok
-        self.stats["done"] += ok
-
-    def _fail(self, item: _Item, error: str, *, timings: dict[str, float] | None = None) -> None:
-        message = redact(error, item.terms, root=self.root)
-        if self.manifest.fail(item.claim, message, timings=timings):
-            self.stats["failed"] += 1
-            if self.bar is not None:
-                self.bar.write(f"failed: {item.claim.key}: {message}")
 
     def finish(
         self,
         item: _Item,
         *,
-        marker: dict[str, Any] | None = None,
+        loaded: LoadedSeries | None = None,
+        result: SeriesResult | None = None,
+        folder: Path | None = None,
         error: str | None = None,
-        timings: dict[str, float] | None = None,
+        seconds: float = 0.0,
     ) -> None:
-        """Record the outcome of a series processed elsewhere: adopted, failed, or committed from ``marker``."""
-        self.stats["processed"] += 1
-        try:
-            if item.adopt is not None:
-                self.adopt(item)
-            elif error is not None or item.error is not None:
-                self._fail(item, error if error is not None else str(item.error), timings=timings)
-                shutil.rmtree(self.work.temp_dir(item.claim), ignore_errors=True)
-            else:
-                assert marker is not None
-                try:
-                    self.commit(item, marker)
-                except MedsegError as exc:
-                    self._fail(item, str(exc), timings=marker.get("timings"))
-                else:
-                    self.stats["done"] += 1
-        finally:
-            self._drop(item.claim)
-            if self.bar is not None:
-                self.bar.update(1)
-                self.bar.set_postfix(done=self.stats["done"], failed=self.stats["failed"], refresh=False)
+        """Record the outcome of a series processed by another execution strategy (:mod:`medseg.batch.ray_engine`).
 
-    def commit(self, item: _Item, marker: dict[str, Any]) -> None:
-        """Rename the finished temp folder of a claim into place and mark the series done (one transaction).
-
-        Raises:
-            MedsegError: The claim was lost (lease expired and reclaimed); the outputs are discarded.
+        Args:
+            item: From :meth:`prepare`.
+            loaded: The worker's :class:`LoadedSeries` (without its volume): load error, misfit, terms.
+            result: What the worker wrote into ``folder`` (inside :meth:`temp_dir`).
+            folder: The finished folder to rename into place.
+            error: Why the series failed on the worker (not yet redacted).
+            seconds: Worker time after loading (for ``total_s``).
         """
         claim = item.claim
-        tmp = self.work.temp_dir(claim)
-        done = tmp / marker["attempt"] if marker.get("attempt") else tmp
-        final = self.final_dir(claim)
+        self.stats["processed"] += 1
+        item.loaded = loaded if loaded is not None else LoadedSeries(self.task(claim))
+        outcome = "failed"
         try:
-            missing = [name for name in [*marker.get("files", []), MARKER] if not (done / name).is_file()]
-            if missing:
-                raise MedsegError(f"series {claim.key}: outputs {missing} missing from the finished folder")
+            if item.adopt is not None or item.loaded.error is not None or item.loaded.skip is not None:
+                outcome = self._process(item)  # adopt, fail or skip: nothing to predict
+            elif error is not None or result is None or folder is None:
+                self._fail(item, error or "no result from the worker")
+            else:
+                try:
+                    outcome = self.commit_result(item, result, folder, seconds=seconds)
+                except MedsegError as exc:
+                    self._fail(item, self._clean(str(exc), folder, claim))
+        finally:
+            shutil.rmtree(self.temp_dir(claim), ignore_errors=True)
+            self._drop(claim)
+            item.loaded = None
+            self._report(item, outcome)
+
+    def _set_stage(self, claim: Claim, stage: str) -> None:
+        self.stage = stage
+        self.manifest.set_stage(claim, stage)
+
+    def load(self, claim: Claim) -> _Item:
+        item = _Item(claim)
+        try:
+            adopted = self._adoptable(claim)
+        except MedsegError:
+            adopted = None
+        if adopted is not None:
+            item.adopt = adopted
+            return item
+        item.loaded = load_task(
+            self.root,
+            self.task(claim),
+            specs=self.specs,
+            compat_check=self.options.compat_check,
+            on_stage=lambda stage: self.manifest.set_stage(claim, stage),
+        )
+        if item.loaded.error is None and item.loaded.skip is None:
+            _crash_point("loaded", claim.key)
+        return item
+
+    def process(self, item: _Item) -> None:
+        claim = item.claim
+        self.stats["processed"] += 1
+        outcome = "failed"
+        if self.bar is not None:
+            self.bar.set_description_str(_short(claim), refresh=True)
+        try:
+            outcome = self._process(item)
+        except KeyboardInterrupt:
+            self.manifest.release(claim, why="interrupted (Ctrl-C)")
+            outcome = "interrupted"
+            raise
+        finally:
+            self.stage = None
+            self._drop(claim)
+            item.loaded = None
+            self._report(item, outcome)
+
+    def _process(self, item: _Item) -> str:
+        claim = item.claim
+        if item.adopt is not None:
+            final = self.final_dir(claim)
+            status = item.adopt["output_status"]
             ok = self.manifest.complete(
                 claim,
                 out_dir=str(final.relative_to(self.out.resolve())),
-                outputs=self.outputs,
+                outputs=[k for k, v in status.items() if "files" in v],
                 model_id=self.model_id,
-                timings=marker.get("timings"),
-                commit=lambda: self._commit_dir(done, final, claim),
+                timings=item.adopt.get("timings"),
+                detail="adopted outputs completed by an interrupted run",
+                output_status=status,
             )
-            if not ok:
-                raise MedsegError(
-                    f"series {claim.key}: claim lost to another process (lease expired); outputs discarded"
-                )
-            _crash_point("committed")
+            self.stats["adopted"] += ok
+            outcome = "partial" if any("error" in v for v in status.values()) else "done"
+            self.stats[outcome] += ok
+            return outcome if ok else "lost"
+        loaded = item.loaded
+        assert loaded is not None
+        if loaded.error is not None:
+            self._fail(item, loaded.error, timings={"load_s": round(loaded.load_s, 4)})
+            return "failed"
+        if loaded.skip is not None:
+            reason = f"does not fit the model: {loaded.skip}"
+            if self.manifest.skip(claim, redact(reason, loaded.terms, root=self.root), model_id=self.model_id):
+                self.stats["skipped"] += 1
+            return "skipped"
+        tmp = _inside(self.out, Path(_TMP) / claim.claim_id)
+        try:
+            return self._predict_and_write(item, tmp)
+        except MedsegError as exc:
+            self._fail(item, self._clean(str(exc), tmp, claim), timings={"load_s": round(loaded.load_s, 4)})
+        except Exception as exc:
+            message = self._clean(f"unexpected {type(exc).__name__}: {exc}", tmp, claim)
+            self._fail(item, message, timings={"load_s": round(loaded.load_s, 4)})
+        return "failed"
+
+    def _clean(self, text: str, tmp: Path, claim: Claim) -> str:
+        """Name the series' final folder instead of the temporary one (which is gone by the time anyone reads it)."""
+        final = str(self.final_dir(claim).relative_to(self.out.resolve()))
+        return text.replace(str(tmp), final)
+
+    def _fail(self, item: _Item, error: str, *, timings: dict[str, float] | None = None) -> None:
+        terms = item.loaded.terms if item.loaded is not None else []
+        message = redact(error, terms, root=self.root)
+        if self.manifest.fail(item.claim, message, timings=timings):
+            self.stats["failed"] += 1
+
+    def report_fields(self, claim: Claim) -> dict[str, Any]:
+        """Fields of ``volumes.json`` the driver knows."""
+        return {
+            "key": claim.key,
+            "series_uid": claim.series_uid,
+            "study_uid": claim.study_uid,
+            "modality": claim.modality,
+            "series_description": claim.description,
+            "model": str(self.model_dir),
+            "model_id": self.model_id,
+        }
+
+    def _predict_and_write(self, item: _Item, tmp: Path) -> str:
+        claim, loaded = item.claim, item.loaded
+        assert loaded is not None and loaded.volume is not None
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            t0 = time.perf_counter()
+            result = run_task(
+                loaded,
+                self._predictor,
+                tmp,
+                label_names=self.label_names,
+                seg_type=self.options.seg_type,
+                report=self.report_fields(claim),
+                on_stage=lambda stage: self._set_stage(claim, stage),
+                after_predict=lambda: _crash_point("predicted", claim.key),
+            )
+            return self.commit_result(item, result, tmp, seconds=time.perf_counter() - t0)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _predict_and_write(self, item: _Item) -> dict[str, float]:
-        claim, volume = item.claim, item.volume
-        assert volume is not None
-        self.manifest.set_stage(claim, "infer")
-        label, timings = predict_series(self.predictor, claim, volume)
-        self.manifest.set_stage(claim, "writing")
-        timings = {"load_s": round(item.load_s, 4), **timings}
-        try:
-            marker = write_series(
-                self.work, claim, volume, item.sources, label, label_names_of(self.predictor), timings
-            )
-        except BaseException:
-            shutil.rmtree(self.work.temp_dir(claim), ignore_errors=True)
-            raise
-        self.commit(item, marker)
-        return dict(marker["timings"])
+    def commit_result(self, item: _Item, result: SeriesResult, tmp: Path, *, seconds: float) -> str:
+        """Record a series whose outputs are in ``tmp``: marker, rename into place and ``done``/``partial``.
+
+        The driver's half of processing a series, whichever strategy wrote ``tmp`` (this process or a
+        Ray worker, :mod:`medseg.batch.ray_engine`).
+
+        Returns:
+            The outcome (``done`` or ``partial``).
+
+        Raises:
+            MedsegError: Nothing could be written, or the claim was lost.
+        """
+        claim, loaded = item.claim, item.loaded
+        assert loaded is not None
+        self.stats["reused_labels"] += result.reused_labels
+        if not result.written:  # nothing at all could be written: the series failed
+            raise MedsegError("; ".join(f"{kind}: {why}" for kind, why in result.failed.items()))
+        missing = [name for name in result.files if not (tmp / name).is_file()]
+        if missing:  # (a worker's folder on a shared filesystem: trust, but check)
+            raise MedsegError(f"series {claim.label}: outputs {missing} missing from the finished folder")
+        self.stage = "committing"
+        terms = loaded.terms
+        status = {
+            kind: ({"error": redact(self._clean(entry["error"], tmp, claim), terms, root=self.root)}
+                   if "error" in entry else entry)
+            for kind, entry in result.status().items()
+        }  # fmt: skip
+        timings = {**result.timings, "total_s": round(seconds + loaded.load_s, 4)}
+        final = self.final_dir(claim)
+        marker = {
+            "key": claim.key,
+            "series_uid": claim.series_uid,
+            "study_uid": claim.study_uid,
+            "fingerprint": claim.fingerprint,
+            "model_id": self.model_id,
+            "outputs": result.written,
+            "output_status": status,
+            "files": result.files,
+            "timings": timings,
+            "claim_id": claim.claim_id,
+            "completed_at": time.time(),
+        }
+        write_json_atomic(tmp / MARKER, marker)
+        _crash_point("outputs_written")
+        ok = self.manifest.complete(
+            claim,
+            out_dir=str(final.relative_to(self.out.resolve())),
+            outputs=result.written,
+            model_id=self.model_id,
+            timings=timings,
+            commit=lambda: self._commit_dir(tmp, final, claim),
+            output_status=status,
+        )
+        if not ok:
+            raise MedsegError(f"series {claim.label}: claim lost to another process (lease expired); outputs discarded")
+        _crash_point("committed")
+        outcome = "partial" if result.failed else "done"
+        self.stats[outcome] += 1
+        return outcome
 
     def _commit_dir(self, tmp: Path, final: Path, claim: Claim) -> None:
         """Rename the finished temp folder into place (replacing an older result); called under the DB lock."""
@@ -967,14 +860,35 @@ class _Runner:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
 
+    # -------------------------------------------------------------- reporting
+    def _report(self, item: _Item, outcome: str) -> None:
+        """Progress: the bar on a terminal, one plain line per series otherwise (no escape codes in logs)."""
+        claim = item.claim
+        detail = ""
+        if outcome in ("failed", "partial", "skipped"):
+            row = self.manifest.row(claim.key)
+            if row is not None:
+                detail = str((row["reason"] if outcome == "skipped" else row["error"]) or "")
+        line = f"{outcome}: {claim.label}" + (f": {detail}" if detail else "")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                done=self.stats["done"], partial=self.stats["partial"], failed=self.stats["failed"], refresh=False
+            )
+            if outcome in ("failed", "partial"):
+                self.bar.write(line, file=sys.stderr)
+        elif self._log_lines:
+            count = self.stats["processed"]
+            print(f"medseg batch [{count}/{self.total}] {line}", file=sys.stderr, flush=True)
+
     # ------------------------------------------------------------------- loop
     def verify_done(self) -> list[str]:
-        """Send ``done`` series whose output folder has gone missing back to ``pending``."""
-        lost = [
-            row["key"]
-            for row in self.manifest.rows("done")
-            if not (row["out_dir"] and (self.out / row["out_dir"] / MARKER).is_file())
+        """Send ``done``/``partial`` series whose output folder has gone missing back to ``pending``."""
+        rows = [
+            *self.manifest.rows("done"),
+            *self.manifest.rows("partial"),
         ]
+        lost = [row["key"] for row in rows if not (row["out_dir"] and (self.out / row["out_dir"] / MARKER).is_file())]
         for key in lost:
             self.manifest.reset(key, "outputs of a done series are missing")
         return lost
@@ -990,18 +904,47 @@ class _Runner:
             if claim_id not in live:
                 shutil.rmtree(entry, ignore_errors=True)
 
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """SIGINT handler: stop claiming and finish or release the current series.
+
+        The first Ctrl-C lets a series being written finish; one being loaded or predicted is released
+        at once (it goes back to pending).  A second Ctrl-C interrupts whatever runs.
+        """
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self._stop.set()
+        if self.stage in ("writing", "committing"):
+            print(
+                "\nmedseg batch: interrupted - finishing the series being written (Ctrl-C again to abort it)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        raise KeyboardInterrupt
+
     def run(self, total: int) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(
-            total=total,
-            unit="series",
-            desc="batch",
-            disable=not self.options.progress,
-            dynamic_ncols=True,
-        )
+        self.total = total
+        tty = _is_tty(sys.stderr)
+        self._log_lines = self.options.progress and not tty
+        if self.options.progress and tty:
+            self.bar = tqdm(
+                total=total,
+                unit="series",
+                desc="batch",
+                dynamic_ncols=True,
+            )
         heartbeat = threading.Thread(target=self._heartbeat, name="medseg-batch-heartbeat", daemon=True)
         heartbeat.start()
+        previous_handler: Any = None
+        if (
+            self.options.handle_sigint
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             if self.options.engine == "ray":
                 from medseg.batch.ray_engine import run_on_ray
@@ -1012,10 +955,19 @@ class _Runner:
                     self.process(self.load(claim))
             else:
                 self._run_prefetch()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            if not self.options.handle_sigint:
+                raise  # the caller handles interruptions (claims are released below)
         finally:
             self._stop.set()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            if self.interrupted:  # a claim taken or loaded when Ctrl-C came goes back to pending
+                self.manifest.release_owned(why="interrupted (Ctrl-C)")
             heartbeat.join(timeout=30)
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
     def _run_prefetch(self) -> None:
         slots: queue.Queue[_Item | None] = queue.Queue(maxsize=self.options.prefetch)
@@ -1052,30 +1004,105 @@ class _Runner:
                 if item is None:
                     finished += 1
                     continue
+                if self._stop.is_set():  # interrupted: give back what was loaded but not processed
+                    self.manifest.release(item.claim)
+                    self._drop(item.claim)
+                    continue
                 self.process(item)
             for thread in threads:
                 thread.join()
         except BaseException:
             self._stop.set()
-            while True:  # give back what was loaded but not processed
-                try:
-                    pending = slots.get_nowait()
-                except queue.Empty:
-                    break
-                if pending is not None:
-                    self.manifest.release(pending.claim)
+            self._release_queued(slots)  # give back what was loaded but not processed ...
+            for thread in threads:
+                thread.join(timeout=60)
+            self._release_queued(slots)  # ... including what the loaders put in while stopping
             raise
 
+    def _release_queued(self, slots: queue.Queue[_Item | None]) -> None:
+        while True:
+            try:
+                pending = slots.get_nowait()
+            except queue.Empty:
+                return
+            if pending is not None:
+                self.manifest.release(pending.claim)
 
-def _make_predictor(model: Path, device: str | None) -> Any:
+
+def _short(claim: Claim, limit: int = 60) -> str:
+    """The progress bar's name of a series: ``P3c9a1e 2019-03-04 #7 T1 post`` (pseudonym, never the ID)."""
+    date = claim.study_date
+    if len(date) == 8 and date.isdigit():
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    number = f"#{claim.series_number}" if claim.series_number is not None else ""
+    label = " ".join(p for p in (claim.patient, date, number, claim.description) if p) or claim.key
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
+def _model_channels(model: Path) -> tuple[list[ChannelSpec], dict[int, str]]:
+    """The model's input channels (for the compatibility check) and label names, from its plan.
+
+    Raises:
+        ModelError: The plan cannot be read.
+    """
+    from medseg.data.plan import load_plan
+
+    try:
+        plan = load_plan(model / "plan.yaml")
+    except MedsegError as exc:
+        raise ModelError(f"{model}: cannot read the model's plan ({exc})") from exc
+    return channel_specs(plan), {int(k): str(v) for k, v in plan.labels.items()}
+
+
+def _make_predictor(model: Path, device: str | None, overrides: dict[str, Any] | None = None) -> Any:
+    from medseg.config import InferConfig
     from medseg.infer.predictor import Predictor
     from medseg.models.package import load_model
 
     loaded = load_model(model)
-    infer = loaded.config.infer
-    if device is not None:
-        infer = infer.model_copy(update={"device": device})
+    update = {**(overrides or {}), **({"device": device} if device is not None else {})}
+    infer = InferConfig.model_validate({**loaded.config.infer.model_dump(), **update})
     return Predictor(loaded, infer=infer)
+
+
+def series_listing(out_dir: PathLike, *, patient_ids: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every series of a manifest for the user: patient, study date, series number, description, state, reason.
+
+    Args:
+        out_dir: The batch output folder.
+        patient_ids: ``{key: PatientID}`` to show instead of the stored pseudonyms (``--show-patient-ids``).
+
+    Returns:
+        Rows sorted by patient, study date and series number; ``selected`` tells the rules' (and the model
+        check's) decision, ``reason`` why (plus the error of a failed series).
+    """
+    with Manifest(Path(out_dir) / "manifest.sqlite") as manifest:
+        rows = manifest.rows()
+    listing = []
+    for row in rows:
+        date = str(row["study_date"] or "")
+        if len(date) == 8 and date.isdigit():
+            date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+        reason = str(row["reason"] or "")
+        if row["error"]:
+            reason += f"; {row['state']}: {row['error']}"
+        listing.append(
+            {
+                "key": row["key"],
+                "selected": row["decision"] == "selected" and row["state"] != "skipped",
+                "state": row["state"],
+                "patient": (patient_ids or {}).get(row["key"], "") if patient_ids is not None else row["patient"],
+                "study_date": date,
+                "series_number": row["series_number"],
+                "modality": row["modality"],
+                "description": row["description"],
+                "images": row["num_files"],
+                "reason": reason,
+                "out_dir": row["out_dir"],
+            }
+        )
+    listing.sort(key=lambda r: (str(r["patient"]), r["study_date"], r["series_number"] or 0, r["key"]))
+    return listing
 
 
 def run_batch(
@@ -1083,6 +1110,8 @@ def run_batch(
     model: PathLike,
     out_dir: PathLike,
     options: BatchOptions | None = None,
+    *,
+    patient_ids: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Segment every eligible series of a DICOM archive, resumably (see the module docstring).
 
@@ -1091,9 +1120,12 @@ def run_batch(
         model: Model directory.
         out_dir: Output folder (created); holds the manifest and one folder per series.
         options: Run settings.
+        patient_ids: Filled with ``{series key: PatientID}`` by discovery, for a listing the user
+            asked for (``--show-patient-ids``); never stored.
 
     Returns:
-        The summary (also written to ``OUT/summary.json`` once nothing is pending or running).
+        The summary (also written to ``OUT/summary.json`` once nothing is pending or running);
+        ``summary["run"]["interrupted"]`` is true after a Ctrl-C.
 
     Raises:
         InputError: The input root does not exist.
@@ -1102,10 +1134,6 @@ def run_batch(
     """
     options = options or BatchOptions()
     options.validate()
-    if options.engine == "ray":
-        from medseg.batch.ray_engine import import_ray
-
-        import_ray()  # a clear error naming the extra before any work
     wall0 = time.perf_counter()
     root = Path(input_root).resolve()
     out = Path(out_dir).resolve()
@@ -1113,6 +1141,10 @@ def run_batch(
         raise InputError(root, "no such folder" if not root.exists() else "not a folder")
     if out == root or out.is_relative_to(root):
         raise ConfigError(f"{out}: the output folder must not be inside the input archive {root}")
+    if options.engine == "ray":
+        from medseg.batch.ray_engine import import_ray
+
+        import_ray()  # a clear error naming the extra before any work
     rules = load_rules(options.rules)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -1122,9 +1154,19 @@ def run_batch(
         runner = _Runner(root, out, Path(model), options, manifest)
         discovery: dict[str, Any] = {}
         if options.discover:
-            records, ignored, discovery = discover_records(root, rules)
+            records, ignored, discovery = discover_records(
+                root,
+                rules,
+                specs=runner.specs if options.compat_check else (),
+                pseudonym=manifest.pseudonym,
+                patient_ids=patient_ids,
+            )
             sync = manifest.sync(
-                records, model_id=runner.model_id, outputs=runner.outputs, retry_failed=options.retry_failed
+                records,
+                model_id=runner.model_id,
+                outputs=runner.outputs,
+                retry_failed=options.retry_failed,
+                compat_check=options.compat_check,
             )
             manifest.add_ignored(ignored)
             discovery["sync"] = vars(sync)
@@ -1138,7 +1180,7 @@ def run_batch(
         if options.process:
             total = manifest.count("pending")
             if total and options.engine == "local":
-                runner.predictor = _make_predictor(Path(model), options.device)
+                runner._predictor()  # fail fast on a model that cannot be loaded
                 if options.workers is None:
                     runner.workers = 2 if getattr(runner.predictor.device, "type", "cpu") == "cuda" else 0
             runner.run(total)
@@ -1158,6 +1200,8 @@ def run_batch(
             "outputs_missing": len(lost),
             **{k: v for k, v in discovery.items()},
             **runner.stats,
+            "interrupted": runner.interrupted,
+            "compat_check": options.compat_check,
             "process_s": round(process_s, 3),
             "series_per_s": round(runner.stats["processed"] / process_s, 4) if process_s > 0 else None,
             "wall_s": round(time.perf_counter() - wall0, 3),

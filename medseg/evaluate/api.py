@@ -466,15 +466,18 @@ def _find_images(images: Path, case_ids: list[str]) -> dict[str, Path]:
 
 # ------------------------------------------------------------------ overlays
 def _worst_cases(rows: Iterable[dict[str, Any]], limit: int) -> list[tuple[str, float]]:
-    """Cases ordered by mean class Dice (ascending; cases without a defined Dice last)."""
+    """Cases ordered by mean class Dice (ascending), without cases that have nothing to show.
+
+    A case whose every class has Dice 1 (or is empty on both sides) is perfect: it is not a "worst
+    case" however few cases there are.
+    """
     scores: dict[str, list[float]] = {}
     for row in rows:
         if row["kind"] == "class" and not math.isnan(float(row["dice"])):
             scores.setdefault(str(row["case"]), []).append(float(row["dice"]))
-        else:
-            scores.setdefault(str(row["case"]), [])
-    ranked = sorted(scores.items(), key=lambda kv: (not kv[1], float(np.mean(kv[1])) if kv[1] else 0.0, kv[0]))
-    return [(case, float(np.mean(values)) if values else math.nan) for case, values in ranked[: max(limit, 0)]]
+    imperfect = {case: values for case, values in scores.items() if min(values) < 1.0}
+    ranked = sorted(imperfect.items(), key=lambda kv: (float(np.mean(kv[1])), kv[0]))
+    return [(case, float(np.mean(values))) for case, values in ranked[: max(limit, 0)]]
 
 
 def _render_overlays(
@@ -508,7 +511,14 @@ def _render_overlays(
             values = [int(worst["label"])]
         focus = error_focus(pred_vol.array[0], ref_vol.array[0], values=values, spacing=ref_vol.geometry.spacing)
         png, lps = render_overlay_png(
-            case_id=case_id, image=image, ref=ref_vol, pred=pred_vol, label_names=names, focus=focus, subtitle=subtitle
+            case_id=case_id,
+            image=image,
+            ref=ref_vol,
+            pred=pred_vol,
+            label_names=names,
+            focus=focus,
+            subtitle=subtitle,
+            highlight=values,
         )
         caption = (
             f"{case_id}: {subtitle}. Planes through the point where the worst class's Hausdorff distance is "

@@ -3,7 +3,10 @@
 Sections: header (inputs, counts), problems, per-structure summary table, box/strip plots, a
 sortable per-case table (worst Dice first; click a header to sort), overlays of the worst cases,
 and the metric conventions.  The page's only script sorts the table; it sets ``data-ready="1"`` on
-``<body>`` when it has run, so a headless browser test can check it executed.
+``<body>`` when it has run, so a headless browser test can check it executed, and ``data-overflow``
+to the ids of tables that need horizontal scrolling at the window's width (none at 1300 px: headers
+wrap, compound cells such as ``median [IQR]`` may wrap, the tables take the page width).  Overlays
+show reference contours solid sky blue and prediction contours dashed orange, with a legend.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;marg
 color:#1d2733;padding:0 16px}
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ccd;padding-bottom:.2em}
 .meta{color:#555;font-size:.9em}.big{font-size:1.25em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
-th,td{border:1px solid #d5dbe3;padding:3px 7px;text-align:right;white-space:nowrap}
-th{background:#eef2f7;position:sticky;top:0}td.t,th.t{text-align:left}
+table{border-collapse:collapse;font-size:.8em;margin:0;width:100%}
+th,td{border:1px solid #d5dbe3;padding:2px 5px;text-align:right;white-space:nowrap}
+th{background:#eef2f7;position:sticky;top:0;white-space:normal;vertical-align:bottom}
+td.t,th.t{text-align:left}td.w{white-space:normal}
 table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#99a}
 table.sortable th.asc:after{content:" \\2191";color:#333}table.sortable th.desc:after{content:" \\2193";color:#333}
-.scroll{max-height:620px;overflow:auto;border:1px solid #d5dbe3;display:inline-block;max-width:100%}
+.scroll{max-height:620px;overflow:auto;border:1px solid #d5dbe3;margin:.6em 0;max-width:100%}
 .problems{background:#fff4f2;border:1px solid #e8b4a8;padding:8px 14px}
 .problems li{margin:.2em 0}.ok{background:#f1f8f2;border:1px solid #b5d8bb;padding:8px 14px}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #d5dbe3}figcaption{color:#444;font-size:.9em}
@@ -61,6 +65,11 @@ _JS = """
     var first=parseInt(table.getAttribute('data-sort-col')||'-1',10);
     if(first>=0){sortBy(table,first,1);}
   });
+  var wide=[];
+  Array.prototype.forEach.call(document.querySelectorAll('.scroll'),function(box){
+    if(box.scrollWidth>box.clientWidth+1){var t=box.querySelector('table');wide.push(t?t.id:'?');}
+  });
+  document.body.setAttribute('data-overflow',wide.join(','));
   document.body.setAttribute('data-ready','1');
 })();
 """
@@ -157,10 +166,11 @@ def render_html(
     if overlays:
         parts.append("<h2>Worst cases</h2>")
         parts.append(
-            '<p class="meta">Cases with the lowest mean class Dice. Axial, coronal and sagittal slices through the '
-            "point where the Hausdorff distance of the case's worst class is attained (yellow cross); reference "
-            "contours solid, prediction dashed; radiological orientation (patient right on the left); true aspect "
-            "ratio from the voxel spacing.</p>"
+            '<p class="meta">Cases with the lowest mean class Dice (cases without any error are not shown). Axial, '
+            "coronal and sagittal slices through the point where the Hausdorff distance of the case's worst class is "
+            'attained (white cross); <span style="color:#2a7fb8">reference contours solid sky blue</span>, '
+            '<span style="color:#b07800">prediction contours dashed orange</span>, the worst class thick; '
+            "radiological orientation (patient right on the left); true aspect ratio from the voxel spacing.</p>"
         )
         for case_id, png, caption in overlays:
             parts.append(
@@ -255,7 +265,7 @@ def _summary_table(summary: Mapping[str, Any]) -> str:
                 f"<td>{_stat(entry.get('assd_mm'), 2)}</td>",
                 f"<td>{_stat(entry.get('nsd'))}</td>",
                 f"<td>{_stat(entry.get('volume_diff_ml'), 2)}</td>",
-                f"<td>{det}</td>",
+                f'<td class="w">{det}</td>',
                 f"<td>{_num((entry.get('pq') or {}).get('mean'))}</td>",
                 f"<td>{_e(entry.get('n_empty_both', 0))}</td>",
                 f"<td>{_e(one_side)}</td>",

@@ -146,8 +146,12 @@ def find_case_files(path: PathLike, *, what: str) -> CaseFiles:
             _add_batch_case(out, path, marker)
         return out
     dicom_images = False
-    for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    volume_stems = {split_suffix(f)[0] for f in files if split_suffix(f)[1] in VOLUME_SUFFIXES}
+    for file in files:
         stem, suffix = split_suffix(file)
+        if _predict_sibling(stem, volume_stems):
+            continue  # `medseg predict --outputs nifti,seg,rtstruct`: the same prediction as <case>.nii.gz
         if suffix in VOLUME_SUFFIXES:
             out.add(stem, _file_input(file))
         elif suffix in DICOM_SEG_SUFFIXES or is_dicom_file(file):
@@ -158,6 +162,11 @@ def find_case_files(path: PathLike, *, what: str) -> CaseFiles:
     if dicom_images or (not out.files and not out.duplicates and any(p.is_dir() for p in path.iterdir())):
         _add_dicom_cases(out, path)
     return out
+
+
+def _predict_sibling(stem: str, volume_stems: set[str]) -> bool:
+    """``<case>_seg`` / ``<case>_rtstruct`` beside ``<case>.nii.gz`` (other outputs of one prediction)."""
+    return any(stem.endswith(tail) and stem[: -len(tail)] in volume_stems for tail in ("_seg", "_rtstruct"))
 
 
 def _is_seg(path: Path) -> bool:

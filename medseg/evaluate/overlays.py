@@ -7,8 +7,11 @@ The volumes are shown in the closest RAS orientation (nibabel ``io_orientation``
 is shown along its own axes), in the radiological convention: axial and coronal with the patient's
 right on the left of the screen, axial with anterior up, coronal and sagittal with superior up and
 sagittal with anterior on the left.  Pixels are drawn with their true size in mm, so the aspect
-ratio follows the spacing.  Reference contours are solid, prediction contours dashed (one colour
-pair per class); a cross marks the point the three planes go through.
+ratio follows the spacing.  Reference contours are solid sky blue, prediction contours dashed
+orange (:data:`REFERENCE_COLOUR`, :data:`PREDICTION_COLOUR`: the Okabe-Ito pair, distinct for
+colour-blind readers and on grey images), with a legend; the structures named in ``highlight``
+(the case's worst class) are drawn thick, the others thin; a white cross marks the point the
+three planes go through.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ from scipy import ndimage
 from medseg.evaluate.surface import farthest_surface_point
 from medseg.io.volume import LPS_FROM_RAS, Volume
 
-__all__ = ["error_focus", "render_overlay_png"]
+__all__ = ["PREDICTION_COLOUR", "REFERENCE_COLOUR", "error_focus", "render_overlay_png"]
 
 _MARGIN_MM = 15.0
+#: Contour colours (Okabe-Ito sky blue and orange).
+REFERENCE_COLOUR = "#56B4E9"
+PREDICTION_COLOUR = "#E69F00"
 
 
 def error_focus(
@@ -70,6 +76,7 @@ def render_overlay_png(
     focus: Sequence[int] | None = None,
     subtitle: str = "",
     dpi: int = 80,
+    highlight: Sequence[int] = (),
 ) -> tuple[bytes, tuple[float, float, float]]:
     """PNG of axial, coronal and sagittal slices through ``focus`` with class contours.
 
@@ -82,6 +89,7 @@ def render_overlay_png(
         focus: Voxel index the planes go through (default: :func:`error_focus` of all classes).
         subtitle: Second title line (e.g. the case's worst scores).
         dpi: Resolution of the figure.
+        highlight: Label values drawn with thick contours (default: all classes thick).
 
     Returns:
         ``(png bytes, focus point in LPS mm)``.
@@ -114,7 +122,7 @@ def render_overlay_png(
     fig = Figure(figsize=(13.5, 5.2), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    colours = _class_colours()
+    thick = set(highlight) or set(values)
     shown: set[int] = set()
     for ax, plane in zip(axes, ("axial", "coronal", "sagittal"), strict=True):
         cut = _plane_cut(plane, p)
@@ -125,10 +133,10 @@ def render_overlay_png(
         else:
             ax.imshow(np.zeros((2, 2)), cmap="gray", vmin=0.0, vmax=1.0, extent=extent)
         ref_plane, pred_plane = _screen(ref_ras[cut], plane), _screen(pred_ras[cut], plane)
-        for i, value in enumerate(values):
+        for value in sorted(values, key=lambda v: v in thick):  # thick (highlighted) contours drawn last, on top
             for labels, colour, style in (
-                (ref_plane, colours((2 * i) % 20), "solid"),
-                (pred_plane, colours((2 * i + 1) % 20), "dashed"),
+                (ref_plane, REFERENCE_COLOUR, "solid"),
+                (pred_plane, PREDICTION_COLOUR, "dashed"),
             ):
                 mask = labels == value
                 if mask.any() and not mask.all():
@@ -137,29 +145,31 @@ def render_overlay_png(
                         mask.astype(np.float32),
                         levels=[0.5],
                         colors=[colour],
-                        linewidths=1.3,
+                        linewidths=2.0 if value in thick else 1.1,
                         linestyles=style,
+                        alpha=1.0 if value in thick else 0.85,
                         extent=extent,
                         origin="upper",
                     )
         mark = _screen_point(plane, p, ref_ras.shape, spacing)
-        ax.plot([mark[0]], [mark[1]], marker="+", color="yellow", markersize=14, markeredgewidth=1.5)
+        ax.plot([mark[0]], [mark[1]], marker="+", color="white", markersize=14, markeredgewidth=1.5)
         _zoom(ax, plane, fov, ref_ras.shape, spacing)
         ax.set_title(_plane_title(plane, geometry, point), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
-    handles = []
-    for i, value in enumerate(values):
-        if value in shown:
-            name = label_names[value]
-            handles.append(Line2D([], [], color=colours((2 * i) % 20), linestyle="solid", label=f"{name} ref"))
-            handles.append(Line2D([], [], color=colours((2 * i + 1) % 20), linestyle="dashed", label=f"{name} pred"))
-    if handles:
-        fig.legend(handles=handles[:24], loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
+    handles = [
+        Line2D([], [], color=REFERENCE_COLOUR, linestyle="solid", linewidth=2.0, label="reference"),
+        Line2D([], [], color=PREDICTION_COLOUR, linestyle="dashed", linewidth=2.0, label="prediction"),
+    ]
+    emphasised = [label_names[v] for v in values if v in thick and v in shown]
+    if emphasised and len(thick) < len(values):
+        names = ", ".join(emphasised[:3]) + (" ..." if len(emphasised) > 3 else "")
+        handles.append(Line2D([], [], color="black", linewidth=2.0, label=f"thick: {names}; thin: other classes"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     title = f"{case_id}" + (f" — {subtitle}" if subtitle else "")
     fig.suptitle(title, fontsize=11)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.14 if handles else 0.03, wspace=0.04)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.1, wspace=0.04)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     ras = geometry.affine @ np.array([*point, 1.0])
@@ -279,9 +289,3 @@ def _plane_title(plane: str, geometry: Any, point: Sequence[int]) -> str:
     if not math.isfinite(value):
         return plane
     return f"{plane}, {'RAS'[axis]} {value:.1f} mm"
-
-
-def _class_colours() -> Any:
-    from matplotlib import colormaps
-
-    return colormaps["tab20"]

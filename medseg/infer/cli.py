@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_predict_parser", "infer_overrides", "run_predict"]
+__all__ = ["add_inference_arguments", "add_predict_parser", "infer_overrides", "run_predict"]
 
 
 def _mirror_axes(text: str) -> tuple[int, ...]:
@@ -24,6 +24,50 @@ def _mirror_axes(text: str) -> tuple[int, ...]:
     if any(a not in (0, 1, 2) for a in axes):
         raise argparse.ArgumentTypeError(f"mirror axes are 0, 1, 2, got {text!r}")
     return axes
+
+
+def _outputs(text: str) -> tuple[str, ...]:
+    from medseg.infer.writers import parse_output_list
+
+    try:
+        return parse_output_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_inference_arguments(p: argparse.ArgumentParser, *, device_help: str | None = None) -> None:
+    """The inference options shared by ``medseg predict`` and ``medseg batch`` (read by :func:`infer_overrides`).
+
+    Sliding window (overlap, blending, windows per pass, mirroring, body crop), device (device,
+    precision, threads) and post-processing; unset options keep the model's ``config.infer``.
+    """
+    g = p.add_argument_group("sliding window (default: the model's config.infer)")
+    g.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: model's, 0.5)")
+    g.add_argument("--blend", choices=["gaussian", "constant"], default=None, help="window blending")
+    g.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    g.add_argument(
+        "--mirror-axes", type=_mirror_axes, default=None, help="test-time mirroring axes, e.g. 0,1,2 or none"
+    )
+    g.add_argument(
+        "--body-crop",
+        choices=["windows", "box", "none"],
+        default=None,
+        help="windows (default): skip windows outside the body box, same result inside; box: crop to the body "
+        "box and re-tile it (fewer windows, slightly different tiling); none: run every window",
+    )
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=None, help=device_help or "auto (default), cpu, cuda, cuda:N")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default=None,
+        help="auto (default): bf16 where native (bf16 weights on CPU, AMP on CUDA), else fp32",
+    )
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g = p.add_argument_group("post-processing (on the input grid, per class)")
+    g.add_argument("--largest-component", action="store_true", help="keep only the largest component of each class")
+    g.add_argument("--min-component-mm3", type=float, default=None, help="remove components smaller than this (mm³)")
+    g.add_argument("--fill-holes", action="store_true", help="fill background cavities enclosed by a class")
 
 
 def add_predict_parser(subparsers: Any) -> None:
@@ -45,36 +89,26 @@ def add_predict_parser(subparsers: Any) -> None:
         help="model directory; repeat to ensemble several folds/models (logits averaged)",
     )
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--series",
+        default=None,
+        metavar="NUMBER|UID",
+        help="DICOM folders holding several series: segment this one (SeriesNumber, SeriesInstanceUID or the key"
+        " `medseg info FOLDER` shows)",
+    )
+    p.add_argument(
+        "--outputs",
+        type=_outputs,
+        default=("nifti",),
+        help="comma-separated: nifti (<case><suffix>), seg (<case>_seg.dcm, DICOM SEG), rtstruct"
+        " (<case>_rtstruct.dcm), json (<case>_volumes.json: mL per class); default nifti. SEG/RTSTRUCT need a DICOM"
+        " series input; each output is written independently",
+    )
+    p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
     p.add_argument("--suffix", default=".nii.gz", help="label file format: .nii.gz (default), .nii, .nrrd, .mha")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("sliding window")
-    g.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: model's, 0.5)")
-    g.add_argument("--blend", choices=["gaussian", "constant"], default=None, help="window blending")
-    g.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
-    g.add_argument(
-        "--mirror-axes", type=_mirror_axes, default=None, help="test-time mirroring axes, e.g. 0,1,2 or none"
-    )
-    g.add_argument(
-        "--body-crop",
-        choices=["windows", "box", "none"],
-        default=None,
-        help="windows (default): skip windows outside the body box, same result inside; box: crop to the body "
-        "box and re-tile it (fewer windows, slightly different tiling); none: run every window",
-    )
-    g = p.add_argument_group("device")
-    g.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default=None,
-        help="auto (default): bf16 where native (bf16 weights on CPU, AMP on CUDA), else fp32",
-    )
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    g = p.add_argument_group("post-processing (on the input grid, per class)")
-    g.add_argument("--largest-component", action="store_true", help="keep only the largest component of each class")
-    g.add_argument("--min-component-mm3", type=float, default=None, help="remove components smaller than this (mm³)")
-    g.add_argument("--fill-holes", action="store_true", help="fill background cavities enclosed by a class")
+    add_inference_arguments(p)
     g = p.add_argument_group("probabilities")
     g.add_argument(
         "--save-probabilities",
@@ -90,14 +124,19 @@ def add_predict_parser(subparsers: Any) -> None:
     p.set_defaults(func=run_predict)
 
 
-def infer_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """``InferConfig`` fields set on the command line."""
+def infer_overrides(args: argparse.Namespace, *, device: bool = True) -> dict[str, Any]:
+    """``InferConfig`` fields set on the command line (:func:`add_inference_arguments`).
+
+    Args:
+        args: Parsed arguments.
+        device: Include ``--device`` (batch passes it separately, as torchrun ranks pick their GPU).
+    """
     values: dict[str, Any] = {
         "overlap": args.overlap,
         "blend": args.blend,
         "sw_batch_size": args.batch_size,
         "mirror_axes": args.mirror_axes,
-        "device": args.device,
+        "device": args.device if device else None,
         "precision": args.precision,
         "threads": args.threads,
         "min_component_mm3": args.min_component_mm3,
@@ -136,12 +175,26 @@ def run_predict(args: argparse.Namespace) -> int:
         suffix=args.suffix,
         progress=not args.quiet,
         probabilities=args.probabilities_dtype if args.save_probabilities else None,
+        outputs=args.outputs,
+        series=args.series,
+        seg_type=args.seg_type,
     )
+    counts = {"done": 0, "partial": 0, "exists": 0, "failed": 0}
     for r in records:
-        if r["status"] == "done":
-            print(f"{r['case']}: {r['output']}  ({r['seconds']:.2f} s)")
-        else:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        files = [
+            f for entry in (r.get("outputs") or {}).values() if not entry.get("kept") for f in entry.get("files", [])
+        ]
+        if r["status"] in ("done", "partial"):
+            print(f"{r['case']}: {', '.join(files)}  ({r['seconds']:.2f} s)")
+        if r["status"] == "partial":
+            print(f"{r['case']}: PARTIAL: {r['error']}", file=sys.stderr)
+        elif r["status"] == "exists":
+            print(f"{r['case']}: skipped: {r['error']}", file=sys.stderr)
+        elif r["status"] == "failed":
             print(f"{r['case']}: FAILED: {r['error']}", file=sys.stderr)
-    failed = sum(r["status"] != "done" for r in records)
-    print(f"{len(records) - failed} case(s) written to {args.out}, {failed} failed")
-    return 1 if failed else 0
+    print(
+        f"{counts['done'] + counts['partial']} case(s) written to {args.out} ({counts['partial']} with failed outputs),"
+        f" {counts['exists']} skipped (outputs exist), {counts['failed']} failed"
+    )
+    return 1 if counts["failed"] or counts["partial"] or counts["exists"] else 0

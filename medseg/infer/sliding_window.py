@@ -458,7 +458,8 @@ def iter_logit_slabs(
         _shift_down(wsum, axis + 1, stop - lo)
         lo = stop
 
-    bar = tqdm(total=len(starts), desc="windows", unit="win", leave=False, disable=not progress)
+    # disable=None: no bar when stderr is not a terminal (no escape codes in log files)
+    bar = tqdm(total=len(starts), desc="windows", unit="win", leave=False, disable=None if progress else True)
     for first in range(0, len(starts), sw_batch_size):
         batch = starts[first : first + sw_batch_size]
         windows = torch.stack([padded[_window_index(c, roi)] for c in batch])

@@ -1242,20 +1242,35 @@ def read_dicom_series(
             volume, series_uid = int(match.group(1)), series_uid[: match.start()]
         exact = [s for s in candidates if s.key == series_uid]
         candidates = exact or [s for s in candidates if s.uid == series_uid]
+        if not candidates and series_uid.strip().isdigit():  # a SeriesNumber
+            candidates = [s for s in scan.series if s.series_number == int(series_uid)]
     if not candidates:
         if source.is_file() and scan.skipped:
             raise InputError(source, f"not a DICOM image: {scan.skipped[0][1]}")
-        wanted = f" with UID {series_uid}" if series_uid is not None else ""
-        raise InputError(source, f"no DICOM image series found{wanted}{_skip_note(scan)}")
+        wanted = f" with number, UID or key {series_uid}" if series_uid is not None else ""
+        hint = f" (`medseg info {source}` lists the series)" if series_uid is not None and scan.series else ""
+        raise InputError(source, f"no DICOM image series found{wanted}{_skip_note(scan)}{hint}")
     if len(candidates) > 1:
-        listing = "; ".join(
-            f"{s.key or '<empty>'} ({s.modality} '{s.description}', {s.num_slices} slices)" for s in candidates
-        )
-        raise InputError(source, f"contains {len(candidates)} series: {listing}; choose one with series_uid")
+        raise InputError(source, _several_series(source, candidates))
     series = candidates[0]
     if volume is not None:
         series = series.select_volume(volume)
     return load_series(series, tilt=tilt, source=source, dtype=dtype)
+
+
+def _several_series(source: Path, candidates: list[DicomSeries], *, shown: int = 3) -> str:
+    """A short "several series" message: a few of them and where to see all (not a 5 KB listing)."""
+
+    def one(s: DicomSeries) -> str:
+        number = f"#{s.series_number} " if s.series_number is not None else ""
+        return f"{number}{s.modality} '{s.description}' ({s.num_slices} slices)"
+
+    listed = "; ".join(one(s) for s in candidates[:shown])
+    more = f"; and {len(candidates) - shown} more" if len(candidates) > shown else ""
+    return (
+        f"contains {len(candidates)} series ({listed}{more}): choose one with --series NUMBER|UID"
+        f" (series_uid= in Python); `medseg info {source}` lists them with their numbers and UIDs"
+    )
 
 
 def load_series(

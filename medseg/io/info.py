@@ -169,9 +169,20 @@ def format_info(data: dict[str, Any]) -> str:
                 f"{n} {r}" for r, n in sorted(skipped.items())
             )
         lines.append(f"{data['path']}: {len(series)} DICOM series{skip_note}")
-        header = ["key / series UID", "modality", "description", "slices", "vols", "shape", "spacing (mm)", "orient"]
+        header = [
+            "#",
+            "key / series UID",
+            "modality",
+            "description",
+            "slices",
+            "vols",
+            "shape",
+            "spacing (mm)",
+            "orient",
+        ]
         rows = [
             [
+                "" if s.get("series_number") is None else str(s["series_number"]),  # what --series NUMBER picks
                 s["key"] or "<empty UID>",
                 s["modality"],
                 repr(s["description"]),

@@ -260,7 +260,7 @@ def _pending_results(out: Path, state: PacsState, destination: str) -> list[_Res
     from medseg.batch.manifest import Manifest
 
     with Manifest(out / "manifest.sqlite") as manifest:
-        done = manifest.rows("done")
+        done = manifest.rows("done") + manifest.rows("partial")  # partial: the outputs that were written
     todo = []
     for row in done:
         source = str(row["series_uid"])
@@ -405,6 +405,7 @@ def _batch_options(options: PacsRunOptions, rules_path: Path | None, *, progress
         address=options.address,
         gpus_per_worker=options.gpus_per_worker,
         cpus_per_reader=options.cpus_per_reader,
+        handle_sigint=False,  # pacs run / listen stop as a whole on Ctrl-C
     )
 
 
