@@ -186,7 +186,9 @@ def main() -> None:
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     out = runs / "local"
-    proc = subprocess.run(batch_argv(archive, model, out, args.outputs), capture_output=True, text=True, check=True)
+    proc = subprocess.run(batch_argv(archive, model, out, args.outputs), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"local run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     results.append(measured(out, summary_of(proc.stdout), label="local (1 process, 2 cores)"))
     print(json.dumps(results[-1]), flush=True)
     clusters = {
