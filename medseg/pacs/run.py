@@ -86,6 +86,10 @@ class PacsRunOptions:
         protocol: Query/retrieve protocol (default: the profile's).
         allow_everything: Allow ``pacs run`` without any filter (every series of the PACS).
         quiet_s: Listener quiet period (default: the profile's).
+        engine: Where series are segmented: ``local`` or ``ray`` (see :class:`~medseg.batch.runner.BatchOptions`).
+        address: Ray cluster address (``engine="ray"``).
+        gpus_per_worker: GPUs per Ray predictor actor.
+        cpus_per_reader: CPUs per Ray read/write task.
     """
 
     outputs: tuple[str, ...] = ("seg", "json")
@@ -96,11 +100,15 @@ class PacsRunOptions:
     device: str | None = None
     folds: str | None = None
     checkpoint: Literal["final", "best"] = "final"
-    workers: int = 1
+    workers: int | None = 1
     progress: bool = True
     protocol: Literal["dicomweb", "dimse"] | None = None
     allow_everything: bool = False
     quiet_s: float | None = None
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_reader: float = 1.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings."""
@@ -399,6 +407,10 @@ def _batch_options(options: PacsRunOptions, rules_path: Path | None, *, progress
         device=options.device,
         folds=options.folds,
         checkpoint=options.checkpoint,
+        engine=options.engine,
+        address=options.address,
+        gpus_per_worker=options.gpus_per_worker,
+        cpus_per_reader=options.cpus_per_reader,
         handle_sigint=False,  # pacs run / listen stop as a whole on Ctrl-C
     )
 
