@@ -20,6 +20,8 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install --quiet "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install --quiet -e ".[dev]"
+	@# Ray for the `medseg batch --engine ray` cluster tests (they skip when it is missing)
+	$(BIN)/pip install --quiet -e ".[ray]" || echo "ray not installable: the Ray cluster tests will skip" >&2
 
 demo: install
 	$(BIN)/medseg demo --out demo_output --overwrite

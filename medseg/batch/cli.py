@@ -13,8 +13,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from medseg.errors import run_reporting_errors
+from medseg.infer.cli import add_model_selection_arguments
 
-__all__ = ["add_batch_parser", "main", "parse_outputs", "print_listing", "print_summary"]
+__all__ = [
+    "add_batch_parser",
+    "add_engine_arguments",
+    "engine_options",
+    "main",
+    "parse_outputs",
+    "print_listing",
+    "print_summary",
+]
 
 
 def parse_outputs(text: str) -> tuple[str, ...]:
@@ -27,9 +36,46 @@ def parse_outputs(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """``--engine`` and the Ray options (shared by ``medseg batch`` and ``medseg pacs run``)."""
+    ray = p.add_argument_group("Ray cluster (--engine ray; pip install 'medseg[ray]')")
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: read/predict/write on a Ray cluster, this process keeps the"
+        " manifest (see docs/batch.md)",
+    )
+    ray.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, a cluster started here with `ray start`,"
+        " else a new local instance)",
+    )
+    ray.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per predictor actor (default: 1 if the cluster has GPUs, else 0); --workers sets the number of"
+        " actors (default: one per GPU, or one per node without GPUs)",
+    )
+    ray.add_argument("--cpus-per-reader", type=float, default=1.0, help="CPUs per read/write task (default 1)")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~medseg.batch.runner.BatchOptions` fields set by :func:`add_engine_arguments`."""
+    return {
+        "engine": args.engine,
+        "address": args.address,
+        "gpus_per_worker": args.gpus_per_worker,
+        "cpus_per_reader": args.cpus_per_reader,
+    }
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input_root", metavar="INPUT_ROOT", help="archive folder, searched recursively for DICOM")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model: medseg model directory or nnU-Net v2 results folder")
+    add_model_selection_arguments(p)
     p.add_argument("--out", required=True, help="output folder (manifest, one folder per series, summary.json)")
     p.add_argument(
         "--rules", default=None, help="series-selection rules YAML (default: every image series except localizers)"
@@ -50,9 +96,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="loader threads reading the next series during inference (0 = no prefetch); default: 2 with a GPU,"
-        " 0 on CPU (where they slow inference down; see docs/benchmarks.md)",
+        " 0 on CPU (where they slow inference down; see docs/benchmarks.md); with --engine ray: predictor actors"
+        " (default: one per GPU, or one per node without GPUs)",
     )
-    p.add_argument("--prefetch", type=int, default=2, help="loaded series queued for inference; default 2")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=2,
+        help="loaded series queued for inference; default 2 (with --engine ray: series in flight per predictor"
+        " beyond the one it segments)",
+    )
     p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
     p.add_argument(
         "--max-attempts",
@@ -65,12 +118,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="segment selected series even when they do not fit the model (modality, channels, CT intensities)",
     )
-    p.add_argument(
-        "--journal-mode",
-        choices=("WAL", "DELETE"),
-        default=None,
-        help="SQLite journal: WAL (default, one host) or DELETE (ranks on several hosts sharing a filesystem)",
-    )
+    add_engine_arguments(p)
     stage = p.add_mutually_exclusive_group()
     stage.add_argument(
         "--discover-only",
@@ -92,9 +140,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     from medseg.infer.cli import add_inference_arguments
 
-    add_inference_arguments(
-        p, device_help="auto (default: model config), cpu, cuda, cuda:N; cuda:LOCAL_RANK under torchrun"
-    )
+    add_inference_arguments(p, device_help="auto (default: model config), cpu, cuda, cuda:N")
 
 
 def print_summary(summary: dict[str, Any], *, as_json: bool = False, file: Any = None) -> None:
@@ -190,8 +236,10 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         discover=not args.no_discovery,
         process=not args.discover_only,
-        journal_mode=args.journal_mode,
+        **engine_options(args),
         device=args.device,
+        folds=args.folds,
+        checkpoint=args.checkpoint,
         infer=infer_overrides(args, device=False),
         compat_check=not args.no_compat_check,
     )
@@ -225,12 +273,12 @@ def add_batch_parser(subparsers: Any) -> None:
     """Register ``medseg batch`` on the ``medseg`` command's sub-parsers."""
     p = subparsers.add_parser(
         "batch",
-        help="segment every eligible series of a DICOM archive (resumable; DICOM SEG/RTSTRUCT out; torchrun)",
+        help="segment every eligible series of a DICOM archive (resumable; DICOM SEG/RTSTRUCT out; Ray cluster)",
         description=(
             "Discover DICOM series under INPUT_ROOT (headers only), select them with --rules, segment each with"
-            " --model and write the outputs under --out. Re-running resumes from OUT/manifest.sqlite; under"
-            " torchrun the ranks share the work. Exit code 1 if any series failed or has failed outputs, 130 after"
-            " Ctrl-C (re-run the same command to resume). See docs/batch.md."
+            " --model and write the outputs under --out. Re-running resumes from OUT/manifest.sqlite; with"
+            " --engine ray the series are processed on a Ray cluster. Exit code 1 if any series failed or has failed"
+            " outputs, 130 after Ctrl-C (re-run the same command to resume). See docs/batch.md."
         ),
     )
     _add_arguments(p)

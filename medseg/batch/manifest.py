@@ -33,13 +33,12 @@ Schema versions: 2 (this one) adds ``patient``, ``study_date``, ``output_status`
 (one transaction; ``output_status`` of its done rows is derived from their ``outputs``).  A newer
 version is refused with a clear error.
 
-Limits: WAL needs shared memory between the processes that use the database, i.e. one host.
-Several ranks on one node share a manifest safely.  Across nodes on a network filesystem use
-``journal_mode="DELETE"`` (rollback journal with POSIX byte-range locks): correct on
-filesystems whose locks work (NFSv4 with a lock manager, Lustre with ``flock``), unsafe on
-those whose locks do not (some NFSv3 setups, SMB without byte-range locks, most FUSE
-filesystems).  Owner liveness is checked through ``/proc`` on the owner's own host; rows owned
-by another host are reclaimed only when their lease (renewed by a heartbeat) has expired.
+Limits: WAL needs shared memory between the processes that use the database, i.e. one host, and
+SQLite's locking is unreliable on network filesystems: the manifest belongs on the local disk of
+the one process that drives a run (several processes on that host may share it safely).  Work
+on other machines goes through ``medseg batch --engine ray``, whose workers never open it.
+Owner liveness is checked through ``/proc``; a row owned by another host (a manifest copied
+between machines) is reclaimed only when its lease (renewed by a heartbeat) has expired.
 """
 
 from __future__ import annotations
@@ -170,7 +169,7 @@ def _migrate_v1(db: sqlite3.Connection) -> None:
 
 
 def key_hash(key: str) -> int:
-    """Stable 31-bit hash of a series key (shards series across ranks: ``hash % world == rank``)."""
+    """Stable 31-bit hash of a series key (stored with each row)."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
@@ -333,7 +332,6 @@ class Manifest:
 
     Args:
         path: Database file (created with the schema if missing).
-        journal_mode: ``"WAL"`` (default; one host) or ``"DELETE"`` (several hosts, see module notes).
         busy_timeout_s: How long to wait for another process's write lock.
         owner: Claim owner identity (default: this process).
     """
@@ -342,7 +340,6 @@ class Manifest:
         self,
         path: PathLike,
         *,
-        journal_mode: str = "WAL",
         busy_timeout_s: float = 120.0,
         owner: Owner | None = None,
     ) -> None:
@@ -350,7 +347,7 @@ class Manifest:
         self.owner = owner or Owner.current()
         self._lock = threading.RLock()
         try:
-            self._db = connect(self.path, busy_timeout_s=busy_timeout_s, journal_mode=journal_mode, foreign_keys=True)
+            self._db = connect(self.path, busy_timeout_s=busy_timeout_s, journal_mode="WAL", foreign_keys=True)
             self.journal_mode = str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).upper()
             with self._tx() as db:
                 found = create_schema(db, _SCHEMA, meta_table="meta", version=SCHEMA_VERSION)
@@ -549,13 +546,7 @@ class Manifest:
                 db.executemany("INSERT OR REPLACE INTO ignored (path, reason, seen_at) VALUES (?, ?, ?)", batch)
 
     # ------------------------------------------------------------------ claims
-    @staticmethod
-    def _shard_sql(rank: int, world_size: int) -> tuple[str, tuple[int, ...]]:
-        if world_size <= 1:
-            return "", ()
-        return " AND key_hash % ? = ?", (world_size, rank)
-
-    def reclaim(self, *, rank: int = 0, world_size: int = 1, max_attempts: int = 3) -> list[str]:
+    def reclaim(self, *, max_attempts: int = 3) -> list[str]:
         """Return ``running`` rows of dead owners (or with an expired lease) to ``pending``.
 
         A series whose owner died ``max_attempts`` times while loading, predicting or writing it
@@ -564,11 +555,10 @@ class Manifest:
         Returns:
             The reclaimed keys.
         """
-        shard, args = self._shard_sql(rank, world_size)
         now = time.time()
         reclaimed: list[str] = []
         with self._tx() as db:
-            rows = db.execute(f"SELECT * FROM series WHERE state = 'running'{shard}", args).fetchall()
+            rows = db.execute("SELECT * FROM series WHERE state = 'running'").fetchall()
             for row in rows:
                 owner = Owner.parse(row["owner"])
                 alive = owner.alive() if owner else False
@@ -598,15 +588,12 @@ class Manifest:
                 reclaimed.append(str(row["key"]))
         return reclaimed
 
-    def claim(self, *, rank: int = 0, world_size: int = 1, lease_s: float = 300.0) -> Claim | None:
-        """Atomically take the next ``pending`` series of this rank's shard (``None`` when none is left)."""
-        shard, args = self._shard_sql(rank, world_size)
+    def claim(self, *, lease_s: float = 300.0) -> Claim | None:
+        """Atomically take the next ``pending`` series (``None`` when none is left)."""
         now = time.time()
         claim_id = uuid.uuid4().hex
         with self._tx() as db:
-            row = db.execute(
-                f"SELECT * FROM series WHERE state = 'pending'{shard} ORDER BY key LIMIT 1", args
-            ).fetchone()
+            row = db.execute("SELECT * FROM series WHERE state = 'pending' ORDER BY key LIMIT 1").fetchone()
             if row is None:
                 return None
             db.execute(
@@ -784,14 +771,11 @@ class Manifest:
         return keys
 
     # ----------------------------------------------------------------- queries
-    def count(self, state: str | None = None, *, rank: int = 0, world_size: int = 1) -> int:
-        """Rows (in this rank's shard) in ``state`` (all states with ``None``)."""
-        shard, args = self._shard_sql(rank, world_size)
-        where = "WHERE 1 = 1" + shard + (" AND state = ?" if state else "")
+    def count(self, state: str | None = None) -> int:
+        """Rows in ``state`` (all states with ``None``)."""
+        where = "WHERE state = ?" if state else ""
         with self._lock:
-            row = self._db.execute(
-                f"SELECT COUNT(*) FROM series {where}", (*args, *([state] if state else []))
-            ).fetchone()
+            row = self._db.execute(f"SELECT COUNT(*) FROM series {where}", [state] if state else []).fetchone()
         return int(row[0])
 
     def running_claim_ids(self) -> set[str]:
@@ -800,14 +784,11 @@ class Manifest:
             rows = self._db.execute("SELECT claim_id FROM series WHERE state = 'running'").fetchall()
         return {str(r[0]) for r in rows if r[0]}
 
-    def rows(self, state: str | None = None, *, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
-        """Series rows as dicts (optionally one state, one rank's shard), ordered by key."""
-        shard, args = self._shard_sql(rank, world_size)
-        where = "WHERE 1 = 1" + shard + (" AND state = ?" if state else "")
+    def rows(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Series rows as dicts (optionally one state), ordered by key."""
+        where = "WHERE state = ?" if state else ""
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT * FROM series {where} ORDER BY key", (*args, *([state] if state else []))
-            ).fetchall()
+            rows = self._db.execute(f"SELECT * FROM series {where} ORDER BY key", [state] if state else []).fetchall()
         return [dict(r) for r in rows]
 
     def row(self, key: str) -> dict[str, Any] | None:

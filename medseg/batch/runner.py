@@ -1,6 +1,6 @@
 """Batch inference over a DICOM archive: discover, select, predict, write, record.
 
-One call of :func:`run_batch` (one ``medseg batch`` process, or one torchrun rank):
+One call of :func:`run_batch` (one ``medseg batch`` process, the *driver*):
 
 1. **Discovery** (headers only, :func:`medseg.io.dicom.scan_dicom`) groups the archive into
    series; every series gets a decision from the selection rules, then from the model's input
@@ -13,12 +13,15 @@ One call of :func:`run_batch` (one ``medseg batch`` process, or one torchrun ran
 3. **Processing**: this module is the *driver* (claims, manifest, commits); the work on one
    series is :mod:`medseg.batch.series` (load + voxel-level model check, predict or reuse kept
    labels, write each output independently into a temp folder), which never touches the
-   manifest.  Loader threads claim series atomically and read/decode them into a bounded
-   queue (``workers`` threads, ``prefetch`` slots) while the main thread predicts and writes the
-   previous one, so at most ``workers + prefetch + 1`` volumes are in memory whatever the
-   archive size.  The temp folder ``OUT/.tmp/<claim>/`` is renamed to the final folder inside the
-   manifest transaction that records the series ``done`` (every output written) or ``partial``
-   (some outputs failed: the others are kept, the reasons recorded per output).  A series that
+   manifest.  How series are executed is a strategy: in this process (``engine="local"``), or on a
+   Ray cluster (``engine="ray"``, :mod:`medseg.batch.ray_engine`: read tasks, predictor actors,
+   write tasks; :meth:`_Runner.commit_result` records what they wrote).  Locally, loader threads
+   claim series atomically and read/decode them into a bounded queue (``workers`` threads,
+   ``prefetch`` slots) while the main thread predicts and writes the previous one, so at most
+   ``workers + prefetch + 1`` volumes are in memory whatever the archive size.  The temp folder
+   ``OUT/.tmp/<claim>/`` is renamed to the final folder inside the manifest transaction that
+   records the series ``done`` (every output written) or ``partial`` (some outputs failed: the
+   others are kept, the reasons recorded per output).  A series that
    fails entirely is recorded with its (redacted) reason and the run continues.  Ctrl-C finishes
    the series being written or releases the one in progress, then ends the run.
 4. **Summary**: counts per state, failures and partial series with reasons, every output path,
@@ -35,9 +38,8 @@ Output layout (names from DICOM attributes are sanitised; nothing can escape ``O
         volumes.json                   volume per class in mL (``json``)
         .medseg-series.json            completion marker (key, input fingerprint, model, output status)
 
-Scale-out: under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank discovers the archive,
-keeps the series whose stable key hash falls in its shard (``hash % WORLD_SIZE == RANK``) and
-claims them in the shared manifest; see :mod:`medseg.batch.manifest` for the filesystem limits.
+Scale-out past one machine: ``engine="ray"`` (docs/batch.md).  The manifest stays on the
+driver's local disk; several processes on one host may still share it (claims are atomic).
 
 Patient names and IDs are never printed or stored in messages: errors are redacted with the
 identifying values of the series' own header before they reach the log or the manifest, and
@@ -66,11 +68,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medseg.batch.manifest import Claim, Manifest, SeriesRecord, fingerprint_files, key_hash
+from medseg.batch.manifest import Claim, Manifest, SeriesRecord, fingerprint_files
 from medseg.batch.selection import SelectionRules, SeriesInfo, load_rules, plane_of
-from medseg.batch.series import LoadedSeries, SeriesTask, load_claimed_series, load_task, redact, run_task
-from medseg.errors import ConfigError, InputError, MedsegError, ModelError
-from medseg.infer.compat import ChannelSpec, channel_specs, check_header
+from medseg.batch.series import (
+    LoadedSeries,
+    SeriesResult,
+    SeriesTask,
+    load_claimed_series,
+    load_task,
+    redact,
+    run_task,
+)
+from medseg.errors import ConfigError, InputError, MedsegError
+from medseg.infer.compat import ChannelSpec, check_header, expected_modality
 from medseg.infer.writers import OUTPUTS
 from medseg.io.images import write_json_atomic
 from medseg.io.paths import check_output_dir, overlap, refuse_input_overlap
@@ -80,7 +90,6 @@ __all__ = [
     "OUTPUTS",
     "BatchOptions",
     "discover_records",
-    "distributed_env",
     "load_claimed_series",
     "model_fingerprint",
     "redact",
@@ -112,20 +121,27 @@ class BatchOptions:
         workers: Loader threads reading the next series during inference (0: no prefetch; ``None``:
             2 when inference runs on a GPU, 0 on CPU, where the threads compete with the network for
             the cores and the GIL - measured slower on 2 cores, see ``docs/benchmarks.md``).
-        prefetch: Loaded series waiting in the queue (at least 1).
+        prefetch: Loaded series waiting in the queue (at least 1); with Ray, series in flight per
+            predictor beyond the one it works on (0: no pipelining).
         seg_type: DICOM SEG encoding, ``binary`` or ``labelmap``.
         max_attempts: A series whose process died this often while on it is marked failed.
         lease_s: Claim lease; renewed every ``lease_s / 3`` by a heartbeat.
         progress: Show a progress bar.
         discover: Run discovery (off: work from the manifest as it is).
         process: Process series (off: discovery only).
-        rank: This rank (default: ``RANK`` env, else 0).
-        world_size: Number of ranks (default: ``WORLD_SIZE`` env, else 1).
-        journal_mode: SQLite journal (default ``WAL``; ``DELETE`` for several hosts).
-        device: Inference device (default: the model config's; ``cuda:LOCAL_RANK`` under torchrun).
+        device: Inference device (default: the model config's; with Ray: ``cuda`` on actors given a
+            GPU, else ``cpu``).
+        folds: nnU-Net folds (``"0,1"``, ``"all"``; default: every fold found).
+        checkpoint: nnU-Net checkpoint, ``final`` or ``best``.
         infer: Overrides of the model's ``config.infer`` (overlap, precision, mirroring, body crop,
             post-processing, threads: the options ``medseg predict`` has; see
             :func:`medseg.infer.cli.infer_overrides`).
+        engine: Where series are processed: ``local`` (this process) or ``ray`` (a Ray cluster,
+            :mod:`medseg.batch.ray_engine`; ``workers`` is then the number of predictor actors).
+        address: Ray cluster address (``None``: ``RAY_ADDRESS``, a cluster started on this machine
+            with ``ray start``, else a new local Ray instance).
+        gpus_per_worker: GPUs per Ray predictor actor (default: 1 when the cluster has GPUs, else 0).
+        cpus_per_reader: CPUs per Ray read/write task.
         compat_check: Skip series that do not fit the model (modality, channels, CT intensities;
             :mod:`medseg.infer.compat`) instead of segmenting them.
         handle_sigint: In the main thread, the first Ctrl-C finishes the series being written (or
@@ -144,21 +160,30 @@ class BatchOptions:
     progress: bool = True
     discover: bool = True
     process: bool = True
-    rank: int | None = None
-    world_size: int | None = None
-    journal_mode: str | None = None
     device: str | None = None
+    folds: str | None = None
+    checkpoint: Literal["final", "best"] = "final"
     infer: dict[str, Any] = field(default_factory=dict)
     compat_check: bool = True
     handle_sigint: bool = True
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_reader: float = 1.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings."""
         unknown = [o for o in self.outputs if o not in OUTPUTS]
         if unknown or not self.outputs:
             raise ConfigError(f"--outputs: unknown {unknown or 'empty list'} (choose from {', '.join(OUTPUTS)})")
-        if (self.workers is not None and self.workers < 0) or self.prefetch < 1:
-            raise ConfigError("--workers must be >= 0 and --prefetch >= 1")
+        if (self.workers is not None and self.workers < 0) or self.prefetch < (0 if self.engine == "ray" else 1):
+            raise ConfigError("--workers must be >= 0 and --prefetch >= 1 (>= 0 with --engine ray)")
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"--engine must be local or ray, got {self.engine!r}")
+        if (self.gpus_per_worker is not None and self.gpus_per_worker < 0) or self.cpus_per_reader <= 0:
+            raise ConfigError("--gpus-per-worker must be >= 0 and --cpus-per-reader > 0")
+        if self.engine == "local" and (self.address or self.gpus_per_worker is not None):
+            raise ConfigError("--address and --gpus-per-worker need --engine ray")
         if self.seg_type not in ("binary", "labelmap"):
             raise ConfigError(f"--seg-type must be binary or labelmap, got {self.seg_type!r}")
         if self.max_attempts < 1:
@@ -175,49 +200,37 @@ class BatchOptions:
                 raise ConfigError(f"inference options: {problems}") from None
 
 
-# ------------------------------------------------------------------ environment
-def distributed_env(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, int, int]:
-    """``(rank, world_size, local_rank, local_world_size)`` from arguments or torchrun's environment.
+# ------------------------------------------------------------------ model
+def model_fingerprint(model: PathLike, *, folds: str | None = None, checkpoint: str = "final") -> str:
+    """Identity of a model (16 hex digits; a medseg model directory: SHA-256 of its weights and plan).
 
     Raises:
-        ConfigError: Inconsistent values.
+        ModelError: Not a model, or its files cannot be read.
     """
-    try:
-        world = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", "1"))
-        r = int(rank if rank is not None else os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", str(r if world > 1 else 0)))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    except ValueError as exc:
-        raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from exc
-    if world < 1 or not 0 <= r < world:
-        raise ConfigError(f"invalid rank {r} for world size {world}")
-    return r, world, local_rank, max(1, local_world)
+    from medseg.models.adapters import open_model
 
-
-def model_fingerprint(model_dir: PathLike) -> str:
-    """Identity of a model directory: SHA-256 of its weights and plan (16 hex digits)."""
-    digest = hashlib.sha256()
-    for name in ("weights.pt", "plan.yaml"):
-        path = Path(model_dir) / name
-        try:
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError as exc:
-            raise MedsegError(f"{path}: cannot read the model ({exc.strerror or exc})") from exc
-    return digest.hexdigest()[:16]
+    return open_model(model, folds=folds, checkpoint=checkpoint).fingerprint()  # type: ignore[arg-type]
 
 
 _CRASH_COUNTS: dict[str, int] = {}
 
 
-def _crash_point(name: str) -> None:
+def _crash_point(name: str, key: str = "") -> None:
     """Fault injection for the crash-safety tests.
 
     ``MEDSEG_BATCH_CRASH_AT=<point>[:<n>]`` SIGKILLs this process the n-th time (default: the
     first) it reaches ``point`` (``claimed``, ``loaded``, ``predicted``, ``outputs_written``,
-    ``renamed``, ``committed``).
+    ``renamed``, ``committed``).  ``MEDSEG_BATCH_RAISE_AT=<point>:<text>`` raises an exception and
+    ``MEDSEG_BATCH_KILL_AT=<point>:<text>`` SIGKILLs the process at ``point`` (``loaded``,
+    ``predicted``) for every series whose key contains ``text`` (a worker that fails, or dies, on
+    one series).
     """
+    for variable in ("MEDSEG_BATCH_RAISE_AT", "MEDSEG_BATCH_KILL_AT"):
+        point, _, text = os.environ.get(variable, "").partition(":")
+        if point == name and text and text in key:
+            if variable == "MEDSEG_BATCH_KILL_AT":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at {name} ({variable})")
     spec = os.environ.get("MEDSEG_BATCH_CRASH_AT")
     if not spec:
         return
@@ -348,19 +361,15 @@ def discover_records(
     root: Path,
     rules: SelectionRules,
     *,
-    rank: int = 0,
-    world_size: int = 1,
     specs: Sequence[ChannelSpec] = (),
     pseudonym: Callable[[str], str] | None = None,
     patient_ids: dict[str, str] | None = None,
 ) -> tuple[Iterator[SeriesRecord], list[tuple[str, str]], dict[str, Any]]:
-    """Discover the archive and describe this rank's series for the manifest.
+    """Discover the archive and describe its series for the manifest.
 
     Args:
         root: Archive root.
         rules: Selection rules.
-        rank: This rank.
-        world_size: Number of ranks (series are sharded by key hash).
         specs: The model's input channels: a selected series that does not fit them (modality,
             number of channels; :func:`medseg.infer.compat.check_header`) is skipped with the reason.
             Empty: no check.
@@ -398,8 +407,6 @@ def discover_records(
     def records() -> Iterator[SeriesRecord]:
         for series, info in zip(scan.series, infos, strict=True):
             key = info.key
-            if world_size > 1 and key_hash(key) % world_size != rank:
-                continue
             decision = decisions[key]
             if decision.selected and specs:
                 volumes = int(getattr(series, "num_volumes", 1) or 1)
@@ -433,8 +440,6 @@ def discover_records(
                 study_date=str(getattr(series, "study_date", "") or ""),
             )
         for uid, group in sorted(non_image.items()):
-            if world_size > 1 and key_hash(uid) % world_size != rank:
-                continue
             try:
                 files, fingerprint = fingerprint_files(root, group["files"])
             except OSError:
@@ -503,19 +508,20 @@ def _is_tty(stream: Any) -> bool:
 class _Runner:
     """The driver: claims, manifest updates, commits; the per-series work is :mod:`medseg.batch.series`."""
 
-    def __init__(
-        self, root: Path, out: Path, model: Path, options: BatchOptions, manifest: Manifest, rank: int, world: int
-    ):
+    def __init__(self, root: Path, out: Path, model: Path, options: BatchOptions, manifest: Manifest):
         self.root, self.out, self.model_dir, self.options = root, out, model, options
-        self.manifest, self.rank, self.world = manifest, rank, world
-        self.model_id = model_fingerprint(model)
+        self.manifest = manifest
+        from medseg.models.adapters import open_model
+
+        self.adapter = open_model(model, folds=options.folds, checkpoint=options.checkpoint)
+        self.model_id = self.adapter.fingerprint()
         self.outputs = tuple(o for o in OUTPUTS if o in options.outputs)
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
         self._stop = threading.Event()
         self.predictor: Any = None
         self.device: str | None = options.device
-        self.specs, self.label_names = _model_channels(model)
+        self.specs, self.label_names = _model_channels(self.adapter)
         self.workers = options.workers if options.workers is not None else 0
         self.stats = {
             "processed": 0,
@@ -531,12 +537,13 @@ class _Runner:
         self.stage: str | None = None
         self.interrupted = False
         self._log_lines = False
+        self.engine_info: dict[str, Any] = {"engine": options.engine}
 
     # ---------------------------------------------------------------- claims
     def _claim(self) -> Claim | None:
         if self._stop.is_set():
             return None
-        claim = self.manifest.claim(rank=self.rank, world_size=self.world, lease_s=self.options.lease_s)
+        claim = self.manifest.claim(lease_s=self.options.lease_s)
         if claim is not None:
             with self._held_lock:
                 self._held.add(claim.claim_id)
@@ -558,7 +565,7 @@ class _Runner:
     def _predictor(self) -> Any:
         """The predictor, built on first use (a run that only carries outputs over never loads the network)."""
         if self.predictor is None:
-            self.predictor = _make_predictor(self.model_dir, self.device, self.options.infer)
+            self.predictor = _make_predictor(self.adapter, self.device, self.options.infer)
         return self.predictor
 
     # ---------------------------------------------------------------- stages
@@ -626,6 +633,57 @@ class _Runner:
             task.labels_from = str(kept["nifti"]["files"][0])
         return task
 
+    def temp_dir(self, claim: Claim) -> Path:
+        """``OUT/.tmp/<claim id>``: where the outputs of a claim are written before they are renamed into place."""
+        return _inside(self.out, Path(_TMP) / claim.claim_id)
+
+    def prepare(self, claim: Claim) -> _Item:
+        """A claimed series before anything is read: outputs an interrupted run completed are adopted."""
+        item = _Item(claim)
+        with contextlib.suppress(MedsegError):
+            item.adopt = self._adoptable(claim)
+        return item
+
+    def finish(
+        self,
+        item: _Item,
+        *,
+        loaded: LoadedSeries | None = None,
+        result: SeriesResult | None = None,
+        folder: Path | None = None,
+        error: str | None = None,
+        seconds: float = 0.0,
+    ) -> None:
+        """Record the outcome of a series processed by another execution strategy (:mod:`medseg.batch.ray_engine`).
+
+        Args:
+            item: From :meth:`prepare`.
+            loaded: The worker's :class:`LoadedSeries` (without its volume): load error, misfit, terms.
+            result: What the worker wrote into ``folder`` (inside :meth:`temp_dir`).
+            folder: The finished folder to rename into place.
+            error: Why the series failed on the worker (not yet redacted).
+            seconds: Worker time after loading (for ``total_s``).
+        """
+        claim = item.claim
+        self.stats["processed"] += 1
+        item.loaded = loaded if loaded is not None else LoadedSeries(self.task(claim))
+        outcome = "failed"
+        try:
+            if item.adopt is not None or item.loaded.error is not None or item.loaded.skip is not None:
+                outcome = self._process(item)  # adopt, fail or skip: nothing to predict
+            elif error is not None or result is None or folder is None:
+                self._fail(item, error or "no result from the worker")
+            else:
+                try:
+                    outcome = self.commit_result(item, result, folder, seconds=seconds)
+                except MedsegError as exc:
+                    self._fail(item, self._clean(str(exc), folder, claim))
+        finally:
+            shutil.rmtree(self.temp_dir(claim), ignore_errors=True)
+            self._drop(claim)
+            item.loaded = None
+            self._report(item, outcome)
+
     def _set_stage(self, claim: Claim, stage: str) -> None:
         self.stage = stage
         self.manifest.set_stage(claim, stage)
@@ -647,7 +705,7 @@ class _Runner:
             on_stage=lambda stage: self.manifest.set_stage(claim, stage),
         )
         if item.loaded.error is None and item.loaded.skip is None:
-            _crash_point("loaded")
+            _crash_point("loaded", claim.key)
         return item
 
     def process(self, item: _Item) -> None:
@@ -717,6 +775,18 @@ class _Runner:
         if self.manifest.fail(item.claim, message, timings=timings):
             self.stats["failed"] += 1
 
+    def report_fields(self, claim: Claim) -> dict[str, Any]:
+        """Fields of ``volumes.json`` the driver knows."""
+        return {
+            "key": claim.key,
+            "series_uid": claim.series_uid,
+            "study_uid": claim.study_uid,
+            "modality": claim.modality,
+            "series_description": claim.description,
+            "model": str(self.model_dir),
+            "model_id": self.model_id,
+        }
+
     def _predict_and_write(self, item: _Item, tmp: Path) -> str:
         claim, loaded = item.claim, item.loaded
         assert loaded is not None and loaded.volume is not None
@@ -730,64 +800,73 @@ class _Runner:
                 tmp,
                 label_names=self.label_names,
                 seg_type=self.options.seg_type,
-                report={
-                    "key": claim.key,
-                    "series_uid": claim.series_uid,
-                    "study_uid": claim.study_uid,
-                    "modality": claim.modality,
-                    "series_description": claim.description,
-                    "model": str(self.model_dir),
-                    "model_id": self.model_id,
-                },
+                report=self.report_fields(claim),
                 on_stage=lambda stage: self._set_stage(claim, stage),
-                after_predict=lambda: _crash_point("predicted"),
+                after_predict=lambda: _crash_point("predicted", claim.key),
             )
-            self.stats["reused_labels"] += result.reused_labels
-            if not result.written:  # nothing at all could be written: the series failed
-                raise MedsegError("; ".join(f"{kind}: {why}" for kind, why in result.failed.items()))
-            self.stage = "committing"
-            terms = loaded.terms
-            status = {
-                kind: ({"error": redact(self._clean(entry["error"], tmp, claim), terms, root=self.root)}
-                       if "error" in entry else entry)
-                for kind, entry in result.status().items()
-            }  # fmt: skip
-            timings = {**result.timings, "total_s": round(time.perf_counter() - t0 + loaded.load_s, 4)}
-            final = self.final_dir(claim)
-            marker = {
-                "key": claim.key,
-                "series_uid": claim.series_uid,
-                "study_uid": claim.study_uid,
-                "fingerprint": claim.fingerprint,
-                "model_id": self.model_id,
-                "outputs": result.written,
-                "output_status": status,
-                "files": result.files,
-                "timings": timings,
-                "claim_id": claim.claim_id,
-                "completed_at": time.time(),
-            }
-            write_json_atomic(tmp / MARKER, marker)
-            _crash_point("outputs_written")
-            ok = self.manifest.complete(
-                claim,
-                out_dir=str(final.relative_to(self.out.resolve())),
-                outputs=result.written,
-                model_id=self.model_id,
-                timings=timings,
-                commit=lambda: self._commit_dir(tmp, final, claim),
-                output_status=status,
-            )
-            if not ok:
-                raise MedsegError(
-                    f"series {claim.label}: claim lost to another process (lease expired); outputs discarded"
-                )
-            _crash_point("committed")
-            outcome = "partial" if result.failed else "done"
-            self.stats[outcome] += 1
-            return outcome
+            return self.commit_result(item, result, tmp, seconds=time.perf_counter() - t0)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def commit_result(self, item: _Item, result: SeriesResult, tmp: Path, *, seconds: float) -> str:
+        """Record a series whose outputs are in ``tmp``: marker, rename into place and ``done``/``partial``.
+
+        The driver's half of processing a series, whichever strategy wrote ``tmp`` (this process or a
+        Ray worker, :mod:`medseg.batch.ray_engine`).
+
+        Returns:
+            The outcome (``done`` or ``partial``).
+
+        Raises:
+            MedsegError: Nothing could be written, or the claim was lost.
+        """
+        claim, loaded = item.claim, item.loaded
+        assert loaded is not None
+        self.stats["reused_labels"] += result.reused_labels
+        if not result.written:  # nothing at all could be written: the series failed
+            raise MedsegError("; ".join(f"{kind}: {why}" for kind, why in result.failed.items()))
+        missing = [name for name in result.files if not (tmp / name).is_file()]
+        if missing:  # (a worker's folder on a shared filesystem: trust, but check)
+            raise MedsegError(f"series {claim.label}: outputs {missing} missing from the finished folder")
+        self.stage = "committing"
+        terms = loaded.terms
+        status = {
+            kind: ({"error": redact(self._clean(entry["error"], tmp, claim), terms, root=self.root)}
+                   if "error" in entry else entry)
+            for kind, entry in result.status().items()
+        }  # fmt: skip
+        timings = {**result.timings, "total_s": round(seconds + loaded.load_s, 4)}
+        final = self.final_dir(claim)
+        marker = {
+            "key": claim.key,
+            "series_uid": claim.series_uid,
+            "study_uid": claim.study_uid,
+            "fingerprint": claim.fingerprint,
+            "model_id": self.model_id,
+            "outputs": result.written,
+            "output_status": status,
+            "files": result.files,
+            "timings": timings,
+            "claim_id": claim.claim_id,
+            "completed_at": time.time(),
+        }
+        write_json_atomic(tmp / MARKER, marker)
+        _crash_point("outputs_written")
+        ok = self.manifest.complete(
+            claim,
+            out_dir=str(final.relative_to(self.out.resolve())),
+            outputs=result.written,
+            model_id=self.model_id,
+            timings=timings,
+            commit=lambda: self._commit_dir(tmp, final, claim),
+            output_status=status,
+        )
+        if not ok:
+            raise MedsegError(f"series {claim.label}: claim lost to another process (lease expired); outputs discarded")
+        _crash_point("committed")
+        outcome = "partial" if result.failed else "done"
+        self.stats[outcome] += 1
+        return outcome
 
     def _commit_dir(self, tmp: Path, final: Path, claim: Claim) -> None:
         """Rename the finished temp folder into place (replacing an older result); called under the DB lock."""
@@ -826,8 +905,8 @@ class _Runner:
     def verify_done(self) -> list[str]:
         """Send ``done``/``partial`` series whose output folder has gone missing back to ``pending``."""
         rows = [
-            *self.manifest.rows("done", rank=self.rank, world_size=self.world),
-            *self.manifest.rows("partial", rank=self.rank, world_size=self.world),
+            *self.manifest.rows("done"),
+            *self.manifest.rows("partial"),
         ]
         lost = [row["key"] for row in rows if not (row["out_dir"] and (self.out / row["out_dir"] / MARKER).is_file())]
         for key in lost:
@@ -874,7 +953,7 @@ class _Runner:
             self.bar = tqdm(
                 total=total,
                 unit="series",
-                desc="batch" if self.world == 1 else f"batch rank {self.rank}",
+                desc="batch",
                 dynamic_ncols=True,
             )
         heartbeat = threading.Thread(target=self._heartbeat, name="medseg-batch-heartbeat", daemon=True)
@@ -887,7 +966,11 @@ class _Runner:
         ):
             previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            if self.workers == 0:
+            if self.options.engine == "ray":
+                from medseg.batch.ray_engine import run_on_ray
+
+                self.engine_info = run_on_ray(self)
+            elif self.workers == 0:
                 while (claim := self._claim()) is not None:
                     self.process(self.load(claim))
             else:
@@ -976,30 +1059,25 @@ def _short(claim: Claim, limit: int = 60) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
-def _model_channels(model: Path) -> tuple[list[ChannelSpec], dict[int, str]]:
-    """The model's input channels (for the compatibility check) and label names, from its plan.
-
-    Raises:
-        ModelError: The plan cannot be read.
-    """
-    from medseg.data.plan import load_plan
-
-    try:
-        plan = load_plan(model / "plan.yaml")
-    except MedsegError as exc:
-        raise ModelError(f"{model}: cannot read the model's plan ({exc})") from exc
-    return channel_specs(plan), {int(k): str(v) for k, v in plan.labels.items()}
+_SCHEMES = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "zscore-foreground": "zscore"}
 
 
-def _make_predictor(model: Path, device: str | None, overrides: dict[str, Any] | None = None) -> Any:
+def _model_channels(adapter: Any) -> tuple[list[ChannelSpec], dict[int, str]]:
+    """The model's input channels (for the compatibility check) and label names, from the model seam."""
+    specs = []
+    for c in adapter.channels:
+        scheme = _SCHEMES.get(c.normalization, c.normalization if c.normalization in ("ct", "zscore") else "none")
+        specs.append(ChannelSpec(name=c.name, modality=expected_modality(c.name, scheme), scheme=scheme))
+    return specs, {int(k): str(v) for k, v in adapter.label_names.items()}
+
+
+def _make_predictor(adapter: Any, device: str | None, overrides: dict[str, Any] | None = None) -> Any:
     from medseg.config import InferConfig
     from medseg.infer.predictor import Predictor
-    from medseg.models.package import load_model
 
-    loaded = load_model(model)
     update = {**(overrides or {}), **({"device": device} if device is not None else {})}
-    infer = InferConfig.model_validate({**loaded.config.infer.model_dump(), **update})
-    return Predictor(loaded, infer=infer)
+    infer = InferConfig.model_validate({**adapter.infer_defaults.model_dump(), **update})
+    return Predictor(adapter, infer=infer)
 
 
 def series_listing(out_dir: PathLike, *, patient_ids: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -1054,7 +1132,7 @@ def run_batch(
 
     Args:
         input_root: Archive folder (searched recursively).
-        model: Model directory.
+        model: Model (medseg model directory or nnU-Net folder, see :func:`medseg.models.adapters.open_model`).
         out_dir: Output folder (created); holds the manifest and one folder per series.
         options: Run settings.
         patient_ids: Filled with ``{series key: PatientID}`` by discovery, for a listing the user
@@ -1067,7 +1145,7 @@ def run_batch(
     Raises:
         InputError: The input root does not exist.
         ConfigError: Invalid options or rules.
-        ModelError: The model directory cannot be loaded.
+        ModelError: The model cannot be loaded.
     """
     options = options or BatchOptions()
     options.validate()
@@ -1082,33 +1160,22 @@ def run_batch(
     if options.rules is not None and overlap(out, options.rules) in ("is", "lies inside"):
         refuse_input_overlap([out], [options.rules], what="output folder")  # (read before anything is written)
     check_output_dir(out)
-    rank, world, local_rank, local_world = distributed_env(options.rank, options.world_size)
+    if options.engine == "ray":
+        from medseg.batch.ray_engine import import_ray
+
+        import_ray()  # a clear error naming the extra before any work
     rules = load_rules(options.rules)
     out.mkdir(parents=True, exist_ok=True)
-    journal = options.journal_mode or os.environ.get("MEDSEG_BATCH_JOURNAL", "WAL")
-    device = options.device
-    if device is None and world > 1:
-        import torch
 
-        if torch.cuda.is_available():
-            device = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
-    if world > 1 and (device is None or device.startswith("cpu")):
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-
-    with warnings.catch_warnings(), Manifest(out / "manifest.sqlite", journal_mode=journal) as manifest:
+    with warnings.catch_warnings(), Manifest(out / "manifest.sqlite") as manifest:
         # Library warnings can quote header values (patient names): keep them out of the logs.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(highdicom|pydicom)(\.|$)")
-        runner = _Runner(root, out, Path(model), options, manifest, rank, world)
-        runner.device = device
+        runner = _Runner(root, out, Path(model), options, manifest)
         discovery: dict[str, Any] = {}
         if options.discover:
             records, ignored, discovery = discover_records(
                 root,
                 rules,
-                rank=rank,
-                world_size=world,
                 specs=runner.specs if options.compat_check else (),
                 pseudonym=manifest.pseudonym,
                 patient_ids=patient_ids,
@@ -1120,19 +1187,18 @@ def run_batch(
                 retry_failed=options.retry_failed,
                 compat_check=options.compat_check,
             )
-            if rank == 0:
-                manifest.add_ignored(ignored)
+            manifest.add_ignored(ignored)
             discovery["sync"] = vars(sync)
             discovery["discovery_and_sync_s"] = time.perf_counter() - wall0
         elif options.retry_failed:
             raise ConfigError("--retry-failed needs discovery (drop --no-discovery)")
-        reclaimed = manifest.reclaim(rank=rank, world_size=world, max_attempts=options.max_attempts)
+        reclaimed = manifest.reclaim(max_attempts=options.max_attempts)
         runner.cleanup_tmp()
         lost = runner.verify_done()
         t_process = time.perf_counter()
         if options.process:
-            total = manifest.count("pending", rank=rank, world_size=world)
-            if total:
+            total = manifest.count("pending")
+            if total and options.engine == "local":
                 runner._predictor()  # fail fast on a model that cannot be loaded
                 if options.workers is None:
                     runner.workers = 2 if getattr(runner.predictor.device, "type", "cpu") == "cuda" else 0
@@ -1146,11 +1212,9 @@ def run_batch(
             "model_id": runner.model_id,
             "outputs": list(runner.outputs),
             "rules": rules.source,
-            "rank": rank,
-            "world_size": world,
             "workers": runner.workers,
             "prefetch": options.prefetch,
-            "journal_mode": manifest.journal_mode,
+            **runner.engine_info,
             "reclaimed": len(reclaimed),
             "outputs_missing": len(lost),
             **{k: v for k, v in discovery.items()},
@@ -1161,8 +1225,5 @@ def run_batch(
             "series_per_s": round(runner.stats["processed"] / process_s, 4) if process_s > 0 else None,
             "wall_s": round(time.perf_counter() - wall0, 3),
         }
-    if world > 1:
-        write_json_atomic(out / f"summary.rank{rank}.json", summary)
-    if summary["complete"] or world == 1:
-        write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     return summary

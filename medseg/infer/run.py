@@ -199,10 +199,10 @@ def predict_to_folder(
     out = Path(out_dir)
     if split_suffix(f"x{suffix}")[1] not in VOLUME_SUFFIXES or suffix.lower() == ".mhd":
         raise MedsegError(f"{suffix!r}: unknown label file format (use .nii.gz, .nii, .nrrd or .mha)")
-    model_dirs = [getattr(m, "path", None) for m in getattr(predictor, "models", [])]
+    model_dirs = [getattr(a, "path", None) for a in getattr(predictor, "adapters", [])]
     refuse_input_overlap([out], [*inputs, *model_dirs], what="output folder")
     check_output_dir(out)
-    cases = group_inputs(inputs, num_channels=len(predictor.model.plan.channels))
+    cases = group_inputs(inputs, num_channels=predictor.num_channels)
     sources = [s for case in cases for s in case.sources]
     targets = [out / "prediction.yaml"]
     for case in cases:

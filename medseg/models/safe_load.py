@@ -16,7 +16,12 @@ from typing import Any
 
 from medseg.errors import MedsegError, ModelError
 
-__all__ = ["load_tensor_file", "load_weights"]
+__all__ = ["load_tensor_file", "load_weights", "safe_reason"]
+
+
+def safe_reason(exc: BaseException) -> str:
+    """``Type: first line`` of an exception from ``torch.load``, without torch's advice to load unsafely."""
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,8 +17,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from medseg.batch.cli import parse_outputs
+from medseg.batch.cli import add_engine_arguments, engine_options, parse_outputs
 from medseg.errors import run_reporting_errors
+from medseg.infer.cli import add_model_selection_arguments
 
 __all__ = ["add_listen_parser", "add_pacs_parser", "main"]
 
@@ -136,11 +137,14 @@ def _run_options(args: argparse.Namespace, *, store: bool) -> Any:
         retry_failed=getattr(args, "retry_failed", False),
         seg_type=args.seg_type,
         device=args.device,
-        workers=args.workers,
+        folds=args.folds,
+        checkpoint=args.checkpoint,
+        workers=args.workers if args.workers is not None or getattr(args, "engine", "local") == "ray" else 1,
         progress=not args.quiet,
         protocol=args.protocol,
         allow_everything=getattr(args, "all", False),
         quiet_s=getattr(args, "quiet_s", None),
+        **(engine_options(args) if hasattr(args, "engine") else {}),
     )
 
 
@@ -187,7 +191,8 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 
 def _add_segment_options(p: argparse.ArgumentParser, *, default_outputs: tuple[str, ...]) -> None:
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model: medseg model directory or nnU-Net v2 results folder")
+    add_model_selection_arguments(p)
     p.add_argument("--out", required=True, help="output folder (manifest, inputs, results, summaries)")
     p.add_argument(
         "--outputs",
@@ -198,7 +203,12 @@ def _add_segment_options(p: argparse.ArgumentParser, *, default_outputs: tuple[s
     p.add_argument("--rules", default=None, help="series-selection rules YAML (overrides the filters file's rules)")
     p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
     p.add_argument("--device", default=None, help="inference device (default: the model config's)")
-    p.add_argument("--workers", type=int, default=1, help="batch loader threads (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="batch loader threads (default 1); with --engine ray: predictor actors (default: one per GPU or node)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -233,6 +243,7 @@ def add_pacs_parser(subparsers: Any) -> None:
     r.add_argument("--store", action="store_true", help="send SEG/RTSTRUCT results to the profile's store target")
     r.add_argument("--retry-failed", action="store_true", help="segment again series that failed before")
     r.add_argument("--all", action="store_true", help="allow running without any filter (every series of the PACS)")
+    add_engine_arguments(r)
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("store", help="send finished results not stored yet (e.g. after a PACS outage)")

@@ -80,11 +80,17 @@ class PacsRunOptions:
         retry_failed: Segment again series whose segmentation failed before.
         seg_type: DICOM SEG encoding (``binary`` or ``labelmap``).
         device: Inference device (default: the model config's).
+        folds: nnU-Net folds (``"0,1"``, ``"all"``; default: every fold found).
+        checkpoint: nnU-Net checkpoint, ``final`` or ``best``.
         workers: Batch loader threads.
         progress: Progress bars.
         protocol: Query/retrieve protocol (default: the profile's).
         allow_everything: Allow ``pacs run`` without any filter (every series of the PACS).
         quiet_s: Listener quiet period (default: the profile's).
+        engine: Where series are segmented: ``local`` or ``ray`` (see :class:`~medseg.batch.runner.BatchOptions`).
+        address: Ray cluster address (``engine="ray"``).
+        gpus_per_worker: GPUs per Ray predictor actor.
+        cpus_per_reader: CPUs per Ray read/write task.
     """
 
     outputs: tuple[str, ...] = ("seg", "json")
@@ -93,11 +99,17 @@ class PacsRunOptions:
     retry_failed: bool = False
     seg_type: Literal["binary", "labelmap"] = "binary"
     device: str | None = None
-    workers: int = 1
+    folds: str | None = None
+    checkpoint: Literal["final", "best"] = "final"
+    workers: int | None = 1
     progress: bool = True
     protocol: Literal["dicomweb", "dimse"] | None = None
     allow_everything: bool = False
     quiet_s: float | None = None
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_reader: float = 1.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings."""
@@ -394,6 +406,12 @@ def _batch_options(options: PacsRunOptions, rules_path: Path | None, *, progress
         seg_type=options.seg_type,
         progress=progress,
         device=options.device,
+        folds=options.folds,
+        checkpoint=options.checkpoint,
+        engine=options.engine,
+        address=options.address,
+        gpus_per_worker=options.gpus_per_worker,
+        cpus_per_reader=options.cpus_per_reader,
         handle_sigint=False,  # pacs run / listen stop as a whole on Ctrl-C
     )
 
@@ -415,7 +433,7 @@ def pacs_run(
 
     Args:
         profile: The PACS.
-        model: Model directory.
+        model: Model (medseg model directory or nnU-Net folder).
         filters: Which series (study/series filters, optional selection rules and limit).
         out: Output folder.
         options: Run settings.
@@ -443,7 +461,7 @@ def pacs_run(
         )
     refuse_input_overlap([out], [model], what="output folder")
     check_output_dir(out)
-    model_fingerprint(model)  # fail early on a bad model directory, before any transfer
+    model_fingerprint(model, folds=options.folds, checkpoint=options.checkpoint)  # fail early, before any transfer
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / INPUTS).mkdir(exist_ok=True)
@@ -624,7 +642,7 @@ def listen(
 
     Args:
         profile: Listener settings (``listener`` section) and the store destination.
-        model: Model directory.
+        model: Model (medseg model directory or nnU-Net folder).
         out: Output folder (the same layout as :func:`pacs_run`).
         options: Outputs, ``store`` (send results), quiet period, rules, ...
         stop: Set it to stop (the CLI sets it on SIGTERM/SIGINT).
@@ -643,7 +661,7 @@ def listen(
     options.validate()
     refuse_input_overlap([out], [model], what="output folder")
     check_output_dir(out)
-    model_fingerprint(model)
+    model_fingerprint(model, folds=options.folds, checkpoint=options.checkpoint)
     cfg = profile.listener
     quiet = options.quiet_s if options.quiet_s is not None else cfg.quiet_s
     stop = stop or threading.Event()
