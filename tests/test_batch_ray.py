@@ -142,10 +142,10 @@ def test_engine_ray_without_ray_is_a_clear_error(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(builtins, "__import__", no_ray)
     (tmp_path / "archive").mkdir()
     with pytest.raises(ConfigError, match=r"pip install 'medseg\[ray\]'"):
-        run_batch(tmp_path / "archive", tmp_path, tmp_path / "out", BatchOptions(engine="ray"))
+        run_batch(tmp_path / "archive", tmp_path / "model", tmp_path / "out", BatchOptions(engine="ray"))
     assert not (tmp_path / "out").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="need --engine ray"):
-        run_batch(tmp_path / "archive", tmp_path, tmp_path / "out", BatchOptions(address="127.0.0.1:6379"))
+        run_batch(tmp_path / "archive", tmp_path / "model", tmp_path / "out", BatchOptions(address="127.0.0.1:6379"))
 
 
 def test_write_attempts_are_isolated_and_checked(tmp_path: Path, tiny_model: Path) -> None:
