@@ -1257,6 +1257,7 @@ def build_all(out: Path, sources: Sources) -> list[tuple[str, str, str]]:
         if missing:
             rows.append((item.name, item.cls, f"skipped (no {', '.join(missing)})"))
             continue
+        (out / item.name).mkdir(parents=True, exist_ok=True)
         item.build(sources, out / item.name)
         rows.append((item.name, item.cls, "built"))
     return rows
