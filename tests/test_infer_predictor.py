@@ -385,6 +385,27 @@ def test_fortran_ordered_input_is_preprocessed_without_a_transpose_and_identical
     assert np.array_equal(np.asarray(f_order.array), np.asarray(phantom_ct.array))  # input untouched
 
 
+def test_read_only_input_gives_bit_identical_labels(shared_data: Path, tmp_path: Path) -> None:
+    """A read-only array (zero-copy from Ray's object store, a memory map) is copied in its own memory order.
+
+    A C-order copy of the Fortran-ordered real MR changed the chunk order of the resampling and, through
+    float rounding, 17 labels of this oblique, anisotropic series.
+    """
+    series = sorted((shared_data / "pgbm-brain-tumor-progression" / "PGBM-001").glob("*/*T1post*"))
+    if not series:
+        pytest.skip("PGBM T1post series not available")
+    plan = _plan(spacing=(1.0, 1.0, 3.0))
+    plan.channels = [ChannelNorm(name="T1", scheme="zscore")]
+    predictor = Predictor(_model_dir(tmp_path / "model", seed=0, plan=plan))
+    volume = load_volume(series[0])
+    writable = volume.array.copy(order="K")
+    frozen = volume.array.copy(order="K")
+    frozen.setflags(write=False)
+    a = predictor.predict([Volume(writable, volume.geometry)]).array
+    b = predictor.predict([Volume(frozen, volume.geometry)]).array
+    assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize(
     ("target_spacing", "target_shape"),
     [((1.5, 1.5, 1.5), (64, 53, 60)), ((0.5, 0.6, 1.5), (190, 130, 60)), ((1.5, 1.5, 3.0), (64, 53, 30))],

@@ -169,11 +169,6 @@ class PredictorWorker:
         if volume is None or not _needs_prediction(task, volume):
             return {"label": None, "timings": {}}
         try:
-            if not volume.array.flags.writeable:
-                # Zero-copy from the object store is read-only; the predictor normalises a writable
-                # array in place (and a read-only one through another, not bit-identical, path):
-                # one copy in the input's memory order keeps the outputs equal to a local run.
-                volume.array = volume.array.copy(order="K")
             t0 = time.perf_counter()
             label = self.predictor.predict([volume])
             _crash_point("predicted", task.key)

@@ -242,9 +242,11 @@ def _dense_array(array: np.ndarray) -> np.ndarray:
     DICOM and NIfTI readers hand out ``(C, X, Y, Z)`` arrays in Fortran order (their memory
     runs along X fastest); forcing C order here would transpose hundreds of MB for nothing,
     since torch and MONAI work on any strides.  Only negative or gapped strides (flipped or
-    sliced views) and read-only buffers need a copy for ``torch.from_numpy``.
+    sliced views) and read-only buffers need a copy for ``torch.from_numpy``; a read-only dense
+    array is copied in its own memory order, so that everything downstream (chunk order of the
+    resampling, hence float rounding) is the same as for a writeable one.
     """
     dense = array.flags.c_contiguous or array.flags.f_contiguous
-    if dense and array.flags.writeable and all(s >= 0 for s in array.strides):
-        return array
+    if dense and all(s >= 0 for s in array.strides):
+        return array if array.flags.writeable else array.copy(order="K")
     return np.ascontiguousarray(array)
