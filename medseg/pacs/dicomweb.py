@@ -35,6 +35,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medseg.errors import ConfigError
+from medseg.io.dicom import read_dataset
 from medseg.pacs.errors import (
     PacsAuthError,
     PacsConnectionError,
@@ -463,7 +464,7 @@ class DicomWebClient:
         datasets = []
         for path in paths:
             try:
-                datasets.append(pydicom.dcmread(path))
+                datasets.append(read_dataset(path))
             except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
                 raise PacsError(f"{path}: cannot read the DICOM file to store ({_short(exc)})") from None
         total = sum(Path(p).stat().st_size for p in paths)

@@ -31,6 +31,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medseg.errors import ConfigError
+from medseg.io.dicom import read_dataset
 from medseg.pacs.errors import (
     PacsAuthError,
     PacsConnectionError,
@@ -551,7 +552,7 @@ class DimseClient:
         contexts: dict[str, set[str]] = {}
         for path in paths:
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                ds = read_dataset(path, stop_before_pixels=True)
                 sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
                 syntax = str(ds.file_meta.TransferSyntaxUID)
             except (OSError, AttributeError, pydicom.errors.InvalidDicomError, ValueError) as exc:

@@ -240,10 +240,10 @@ def _needs_retrieval(row: Mapping[str, Any], series: RemoteSeries, out: Path) ->
 
 # ------------------------------------------------------------------ storing
 def _result_header(path: Path) -> tuple[str, str, str]:
-    import pydicom
+    from medseg.io.dicom import read_dataset
 
     tags = ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    ds = read_dataset(path, stop_before_pixels=True, specific_tags=tags)
     return str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
 
 
@@ -591,7 +591,7 @@ def _complete_quiet(state: PacsState, out: Path, quiet_s: float, hook: EventHook
 
 def _recover_incoming(state: PacsState, out: Path) -> int:
     """After a restart: forget half-written files, re-register series whose instances are on disk."""
-    import pydicom
+    from medseg.io.dicom import read_dataset
 
     incoming = out / INCOMING
     recovered = 0
@@ -607,7 +607,7 @@ def _recover_incoming(state: PacsState, out: Path) -> int:
                 folder.rmdir()
             continue
         try:
-            ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+            ds = read_dataset(files[0], stop_before_pixels=True)
         except Exception:
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
