@@ -124,6 +124,7 @@ def _print_run(summary: dict[str, Any]) -> None:
 
 
 def _run_options(args: argparse.Namespace, *, store: bool) -> Any:
+    from medseg.infer.cli import infer_overrides
     from medseg.pacs.run import PacsRunOptions
 
     return PacsRunOptions(
@@ -138,6 +139,8 @@ def _run_options(args: argparse.Namespace, *, store: bool) -> Any:
         protocol=args.protocol,
         allow_everything=getattr(args, "all", False),
         quiet_s=getattr(args, "quiet_s", None),
+        infer=infer_overrides(args, device=False),
+        compat_check=not args.no_compat_check,
     )
 
 
@@ -194,10 +197,17 @@ def _add_segment_options(p: argparse.ArgumentParser, *, default_outputs: tuple[s
     )
     p.add_argument("--rules", default=None, help="series-selection rules YAML (overrides the filters file's rules)")
     p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
-    p.add_argument("--device", default=None, help="inference device (default: the model config's)")
     p.add_argument("--workers", type=int, default=1, help="batch loader threads (default 1)")
+    p.add_argument(
+        "--no-compat-check",
+        action="store_true",
+        help="segment selected series even when they do not fit the model (modality, channels, CT intensities)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from medseg.infer.cli import add_inference_arguments
+
+    add_inference_arguments(p, device_help="auto (default: the model config's), cpu, cuda, cuda:N")
 
 
 def add_pacs_parser(subparsers: Any) -> None:

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +84,9 @@ class PacsRunOptions:
         protocol: Query/retrieve protocol (default: the profile's).
         allow_everything: Allow ``pacs run`` without any filter (every series of the PACS).
         quiet_s: Listener quiet period (default: the profile's).
+        infer: Overrides of the model's ``config.infer`` (the inference options of ``medseg batch``).
+        compat_check: Skip series that do not fit the model (modality, channels, CT intensities), as
+            ``medseg batch`` does; ``False`` = ``--no-compat-check``.
     """
 
     outputs: tuple[str, ...] = ("seg", "json")
@@ -97,6 +100,8 @@ class PacsRunOptions:
     protocol: Literal["dicomweb", "dimse"] | None = None
     allow_everything: bool = False
     quiet_s: float | None = None
+    infer: Mapping[str, Any] = field(default_factory=dict)
+    compat_check: bool = True
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings."""
@@ -393,6 +398,8 @@ def _batch_options(options: PacsRunOptions, rules_path: Path | None, *, progress
         seg_type=options.seg_type,
         progress=progress,
         device=options.device,
+        infer=dict(options.infer),
+        compat_check=options.compat_check,
         handle_sigint=False,  # pacs run / listen stop as a whole on Ctrl-C
     )
 
