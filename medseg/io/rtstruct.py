@@ -57,6 +57,7 @@ from scipy import ndimage
 
 from medseg.errors import GeometryError, InputError
 from medseg.io.dicom import discover_series, is_dicom_file, read_dicom_series
+from medseg.io.dicom_headers import clean_identity
 from medseg.io.images import atomic_path
 from medseg.io.polygons import (
     OverlapPolicy,
@@ -565,7 +566,10 @@ def _place_contours(
     slice_of = {uid: k for k, uid in enumerate(sops) if uid}
     check_refs = len(slice_of) == len(sops) and len(sops) == nz
     if not check_refs:
-        notes.append("the series has empty SOP Instance UIDs; contours were matched to slices by position only")
+        notes.append(
+            "the series has no SOP instance per slice (empty UIDs, or a Siemens mosaic); contours were matched to"
+            " slices by position only"
+        )
     missing_uids: dict[str, int] = {}
     off_grid: list[str] = []
     placed: dict[int, list[_Placed]] = {roi.number: [] for roi in rois}
@@ -994,7 +998,7 @@ def build_rtstruct(
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    header = reference.header
+    header, _ = clean_identity(reference.header)  # real-world noise in the copied patient/study attributes
     ds.SpecificCharacterSet = header.get("SpecificCharacterSet", "ISO_IR 192") or "ISO_IR 192"
     ds.SOPClassUID = RTSTRUCT_SOP_CLASS_UID
     ds.SOPInstanceUID = sop_uid
@@ -1019,7 +1023,11 @@ def build_rtstruct(
     ds.StructureSetLabel = structure_set_label[:16]
     ds.StructureSetDate, ds.StructureSetTime = date, time
 
-    image_refs = [_image_ref(reference.sop_class_uid, uid) for uid in reference.sop_instance_uids]
+    uids = reference.sop_instance_uids
+    # A Siemens mosaic holds every slice in one image: the series lists that image once and the
+    # contours name no image (their coordinates place them), since none is in their plane.
+    own_images = len(set(uids)) == len(uids)
+    image_refs = [_image_ref(reference.sop_class_uid, uid) for uid in dict.fromkeys(uids)]
     series_item = Dataset()
     series_item.SeriesInstanceUID = reference.series_uid
     series_item.ContourImageSequence = DicomSequence(image_refs)
@@ -1049,7 +1057,7 @@ def build_rtstruct(
         observation.ROIInterpreter = ""
         observation_items.append(observation)
     ds.StructureSetROISequence = DicomSequence(roi_items)
-    image_sequences = [_image_sequence(reference.sop_class_uid, uid) for uid in reference.sop_instance_uids]
+    image_sequences = [_image_sequence(reference.sop_class_uid, uid) if own_images else b"" for uid in uids]
     ds[_ROI_CONTOUR_SEQUENCE] = _roi_contour_sequence(values, colours, contours, image_sequences)
     ds.RTROIObservationsSequence = DicomSequence(observation_items)
     # Declare the encoding the raw ROIContourSequence already has, so pydicom writes it as it is.
