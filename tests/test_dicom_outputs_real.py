@@ -291,3 +291,16 @@ def test_seg_of_one_echo_of_a_multi_echo_series_references_that_echo(shared_data
     seg, _ = _check_outputs(tmp_path, image, labels)
     referenced = {str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == echo2
+
+
+def test_character_set_terms_taken_without_asking_highdicom_are_ones_it_accepts() -> None:
+    from highdicom.valuerep import _check_specific_character_set
+
+    from medseg.io.dicom_headers import _PLAIN_TERMS, clean_specific_character_set
+
+    for term in _PLAIN_TERMS:
+        assert _check_specific_character_set(term) == term
+        assert clean_specific_character_set(term) == (term, None)
+    assert clean_specific_character_set("ISO 2022 IR 100")[0] == "ISO_IR 100"  # one term needs no extensions
+    assert clean_specific_character_set("ISO 2022 IR 149")[0] == "ISO_IR 192"  # Korean: highdicom has no term
+    assert clean_specific_character_set(["ISO 2022 IR 6", "ISO 2022 IR 149"])[0] == "ISO_IR 192"

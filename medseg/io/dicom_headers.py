@@ -59,8 +59,16 @@ _DATE = re.compile(r"^(\d{4})[-./]?(\d{2})[-./]?(\d{2})$")
 _TIME = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d+))?)?)?$")
 
 
+#: Single-valued defined terms without code extensions (accepted by highdicom; checked without importing it).
+_PLAIN_TERMS = frozenset(
+    {f"ISO_IR {n}" for n in (100, 101, 109, 110, 126, 127, 138, 144, 148, 166, 13, 192, 203)} | {"GB18030", "GBK"}
+)
+
+
 def _accepted_by_highdicom(value: str | list[str]) -> bool:
     """Whether highdicom (which builds the SEG) accepts this SpecificCharacterSet value."""
+    if isinstance(value, str) and value in _PLAIN_TERMS:
+        return True
     try:
         from highdicom.valuerep import _check_specific_character_set
     except ImportError:  # another highdicom layout: its public list of defined terms
