@@ -15,7 +15,13 @@ patient/study modules copied from the source).  What medseg adds:
 * within-tolerance orientation / pixel-spacing jitter between the source slices (which the
   loader accepts, e.g. ImageOrientationPatient differing by 1e-7 in TCIA exports) is
   normalised on copies of the headers before highdicom, which requires exact equality, sees
-  it (:func:`normalise_source_headers`, tolerances shared with :mod:`medseg.io.dicom_stack`);
+  it (:func:`normalise_source_headers`, tolerances shared with :mod:`medseg.io.dicom_stack`),
+  and so is the other header noise highdicom refuses (an empty SpecificCharacterSet, PatientSex
+  ``U``, malformed dates, absent Type 2 attributes or SliceThickness; see
+  :mod:`medseg.io.dicom_headers`);
+* a Siemens mosaic (one image holding every slice of a volume) gets a SEG in its slices' own
+  plane positions that references the mosaic image (:func:`mosaic_geometry`); the mosaics of
+  several volumes are refused (a SEG references the one volume it was segmented from);
 * failures are :class:`~medseg.errors.ExportError` / :class:`~medseg.errors.GeometryError`
   naming the *series* (patient, study date, series number, description), never the output
   path, which may be a temporary file;
@@ -71,6 +77,7 @@ __all__ = [
     "coded_property",
     "find_reference",
     "is_dicom_seg",
+    "mosaic_geometry",
     "normalise_source_headers",
     "read_dicom_seg",
     "referenced_series_uid",
@@ -494,7 +501,9 @@ def write_dicom_seg(
     """Write a label volume as a DICOM SEG that references its source series.
 
     Within-tolerance orientation / pixel-spacing jitter between source slices (accepted by the
-    loader) is normalised before highdicom sees it (:func:`normalise_source_headers`).
+    loader) and other header noise highdicom refuses are normalised on copies before highdicom
+    sees them (:func:`normalise_source_headers`).  A Siemens mosaic source (one volume) gets frames
+    in its slices' own plane positions (:func:`mosaic_geometry`).
 
     Args:
         label: ``(1, X, Y, Z)`` integer label volume on the source series' grid (as returned by
@@ -523,10 +532,11 @@ def write_dicom_seg(
         The written path.
 
     Raises:
-        InputError: Unreadable source, or source UIDs blanked / inconsistent (names the source file).
+        InputError: Unreadable source, source UIDs blanked / inconsistent, or the mosaics of several
+            volumes (names the source file).
         GeometryError: The label is not on the source grid.
-        ExportError: Label values without a name, non-integer or negative labels, or highdicom
-            refused the object (names the series).
+        ExportError: Label values without a name, non-integer or negative labels, a source SOP class
+            that is not a standard image class, or highdicom refused the object (names the series).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
