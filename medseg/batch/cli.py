@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from medseg.errors import run_reporting_errors
+from medseg.infer.cli import add_model_selection_arguments
 
 __all__ = ["add_batch_parser", "main", "parse_outputs", "print_listing", "print_summary"]
 
@@ -29,7 +30,8 @@ def parse_outputs(text: str) -> tuple[str, ...]:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input_root", metavar="INPUT_ROOT", help="archive folder, searched recursively for DICOM")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model: medseg model directory or nnU-Net v2 results folder")
+    add_model_selection_arguments(p)
     p.add_argument("--out", required=True, help="output folder (manifest, one folder per series, summary.json)")
     p.add_argument(
         "--rules", default=None, help="series-selection rules YAML (default: every image series except localizers)"
@@ -192,6 +194,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         process=not args.discover_only,
         journal_mode=args.journal_mode,
         device=args.device,
+        folds=args.folds,
+        checkpoint=args.checkpoint,
         infer=infer_overrides(args, device=False),
         compat_check=not args.no_compat_check,
     )

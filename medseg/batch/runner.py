@@ -69,8 +69,8 @@ import numpy as np
 from medseg.batch.manifest import Claim, Manifest, SeriesRecord, fingerprint_files, key_hash
 from medseg.batch.selection import SelectionRules, SeriesInfo, load_rules, plane_of
 from medseg.batch.series import LoadedSeries, SeriesTask, load_claimed_series, load_task, redact, run_task
-from medseg.errors import ConfigError, InputError, MedsegError, ModelError
-from medseg.infer.compat import ChannelSpec, channel_specs, check_header
+from medseg.errors import ConfigError, InputError, MedsegError
+from medseg.infer.compat import ChannelSpec, check_header, expected_modality
 from medseg.infer.writers import OUTPUTS
 from medseg.io.images import write_json_atomic
 from medseg.types import PathLike
@@ -115,6 +115,8 @@ class BatchOptions:
         world_size: Number of ranks (default: ``WORLD_SIZE`` env, else 1).
         journal_mode: SQLite journal (default ``WAL``; ``DELETE`` for several hosts).
         device: Inference device (default: the model config's; ``cuda:LOCAL_RANK`` under torchrun).
+        folds: nnU-Net folds (``"0,1"``, ``"all"``; default: every fold found).
+        checkpoint: nnU-Net checkpoint, ``final`` or ``best``.
         infer: Overrides of the model's ``config.infer`` (overlap, precision, mirroring, body crop,
             post-processing, threads: the options ``medseg predict`` has; see
             :func:`medseg.infer.cli.infer_overrides`).
@@ -140,6 +142,8 @@ class BatchOptions:
     world_size: int | None = None
     journal_mode: str | None = None
     device: str | None = None
+    folds: str | None = None
+    checkpoint: Literal["final", "best"] = "final"
     infer: dict[str, Any] = field(default_factory=dict)
     compat_check: bool = True
     handle_sigint: bool = True
@@ -186,18 +190,15 @@ def distributed_env(rank: int | None = None, world_size: int | None = None) -> t
     return r, world, local_rank, max(1, local_world)
 
 
-def model_fingerprint(model_dir: PathLike) -> str:
-    """Identity of a model directory: SHA-256 of its weights and plan (16 hex digits)."""
-    digest = hashlib.sha256()
-    for name in ("weights.pt", "plan.yaml"):
-        path = Path(model_dir) / name
-        try:
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError as exc:
-            raise MedsegError(f"{path}: cannot read the model ({exc.strerror or exc})") from exc
-    return digest.hexdigest()[:16]
+def model_fingerprint(model: PathLike, *, folds: str | None = None, checkpoint: str = "final") -> str:
+    """Identity of a model (16 hex digits; a medseg model directory: SHA-256 of its weights and plan).
+
+    Raises:
+        ModelError: Not a model, or its files cannot be read.
+    """
+    from medseg.models.adapters import open_model
+
+    return open_model(model, folds=folds, checkpoint=checkpoint).fingerprint()  # type: ignore[arg-type]
 
 
 _CRASH_COUNTS: dict[str, int] = {}
@@ -496,14 +497,17 @@ class _Runner:
     ):
         self.root, self.out, self.model_dir, self.options = root, out, model, options
         self.manifest, self.rank, self.world = manifest, rank, world
-        self.model_id = model_fingerprint(model)
+        from medseg.models.adapters import open_model
+
+        self.adapter = open_model(model, folds=options.folds, checkpoint=options.checkpoint)
+        self.model_id = self.adapter.fingerprint()
         self.outputs = tuple(o for o in OUTPUTS if o in options.outputs)
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
         self._stop = threading.Event()
         self.predictor: Any = None
         self.device: str | None = options.device
-        self.specs, self.label_names = _model_channels(model)
+        self.specs, self.label_names = _model_channels(self.adapter)
         self.workers = options.workers if options.workers is not None else 0
         self.stats = {
             "processed": 0,
@@ -546,7 +550,7 @@ class _Runner:
     def _predictor(self) -> Any:
         """The predictor, built on first use (a run that only carries outputs over never loads the network)."""
         if self.predictor is None:
-            self.predictor = _make_predictor(self.model_dir, self.device, self.options.infer)
+            self.predictor = _make_predictor(self.adapter, self.device, self.options.infer)
         return self.predictor
 
     # ---------------------------------------------------------------- stages
@@ -960,30 +964,25 @@ def _short(claim: Claim, limit: int = 60) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
-def _model_channels(model: Path) -> tuple[list[ChannelSpec], dict[int, str]]:
-    """The model's input channels (for the compatibility check) and label names, from its plan.
-
-    Raises:
-        ModelError: The plan cannot be read.
-    """
-    from medseg.data.plan import load_plan
-
-    try:
-        plan = load_plan(model / "plan.yaml")
-    except MedsegError as exc:
-        raise ModelError(f"{model}: cannot read the model's plan ({exc})") from exc
-    return channel_specs(plan), {int(k): str(v) for k, v in plan.labels.items()}
+_SCHEMES = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "zscore-foreground": "zscore"}
 
 
-def _make_predictor(model: Path, device: str | None, overrides: dict[str, Any] | None = None) -> Any:
+def _model_channels(adapter: Any) -> tuple[list[ChannelSpec], dict[int, str]]:
+    """The model's input channels (for the compatibility check) and label names, from the model seam."""
+    specs = []
+    for c in adapter.channels:
+        scheme = _SCHEMES.get(c.normalization, c.normalization if c.normalization in ("ct", "zscore") else "none")
+        specs.append(ChannelSpec(name=c.name, modality=expected_modality(c.name, scheme), scheme=scheme))
+    return specs, {int(k): str(v) for k, v in adapter.label_names.items()}
+
+
+def _make_predictor(adapter: Any, device: str | None, overrides: dict[str, Any] | None = None) -> Any:
     from medseg.config import InferConfig
     from medseg.infer.predictor import Predictor
-    from medseg.models.package import load_model
 
-    loaded = load_model(model)
     update = {**(overrides or {}), **({"device": device} if device is not None else {})}
-    infer = InferConfig.model_validate({**loaded.config.infer.model_dump(), **update})
-    return Predictor(loaded, infer=infer)
+    infer = InferConfig.model_validate({**adapter.infer_defaults.model_dump(), **update})
+    return Predictor(adapter, infer=infer)
 
 
 def series_listing(out_dir: PathLike, *, patient_ids: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -1038,7 +1037,7 @@ def run_batch(
 
     Args:
         input_root: Archive folder (searched recursively).
-        model: Model directory.
+        model: Model (medseg model directory or nnU-Net folder, see :func:`medseg.models.adapters.open_model`).
         out_dir: Output folder (created); holds the manifest and one folder per series.
         options: Run settings.
         patient_ids: Filled with ``{series key: PatientID}`` by discovery, for a listing the user
@@ -1051,7 +1050,7 @@ def run_batch(
     Raises:
         InputError: The input root does not exist.
         ConfigError: Invalid options or rules.
-        ModelError: The model directory cannot be loaded.
+        ModelError: The model cannot be loaded.
     """
     options = options or BatchOptions()
     options.validate()

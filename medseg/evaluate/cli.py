@@ -36,7 +36,9 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--ref", required=True, help="reference labels, in any layout --pred accepts")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument(
-        "--labels", default=None, help="label names: model directory (plan.yaml), dataset folder or dataset.json"
+        "--labels",
+        default=None,
+        help="label names: a model (medseg dir, nnU-Net folder), dataset folder or dataset.json",
     )
     p.add_argument(
         "--label-names",

@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-from medseg.errors import ConfigError, InputError
+from medseg.errors import ConfigError, InputError, MedsegError
 from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, is_dicom_file, load_volume, split_suffix
 from medseg.io.volume import label_dtype
 from medseg.types import PathLike
@@ -317,7 +317,8 @@ def load_label_names(path: PathLike) -> tuple[dict[int, str], dict[str, list[int
     """Class names (and any region definitions) from a model, dataset or file.
 
     Args:
-        path: A model directory (``plan.yaml``), a ``plan.yaml``, a dataset folder containing
+        path: A model (medseg model directory, nnU-Net results folder: see
+            :func:`medseg.models.adapters.open_model`), a ``plan.yaml``, a dataset folder containing
             ``dataset.json``, or a ``dataset.json``.
 
     Returns:
@@ -328,12 +329,18 @@ def load_label_names(path: PathLike) -> tuple[dict[int, str], dict[str, list[int
     """
     p = Path(path)
     if p.is_dir():
-        if (p / "plan.yaml").is_file():
-            p = p / "plan.yaml"
-        elif (p / "dataset.json").is_file():
+        from medseg.models.adapters import ADAPTERS, open_model
+
+        if any(adapter.recognises(p) for adapter in ADAPTERS):  # a model: its label names, via the model seam
+            try:
+                names = open_model(p).label_names
+            except MedsegError as exc:
+                raise ConfigError(f"cannot read label names: {exc}") from exc
+            return {int(k): str(v) for k, v in names.items() if int(k) != 0}, {}
+        if (p / "dataset.json").is_file():
             p = p / "dataset.json"
         else:
-            raise ConfigError(f"{p}: neither a model directory (plan.yaml) nor a dataset folder (dataset.json)")
+            raise ConfigError(f"{p}: neither a model (plan.yaml, plans.json) nor a dataset folder (dataset.json)")
     if not p.is_file():
         raise ConfigError(f"{p}: no such label-name file")
     if p.suffix in (".yaml", ".yml"):

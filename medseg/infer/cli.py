@@ -11,7 +11,13 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_inference_arguments", "add_predict_parser", "infer_overrides", "run_predict"]
+__all__ = [
+    "add_inference_arguments",
+    "add_model_selection_arguments",
+    "add_predict_parser",
+    "infer_overrides",
+    "run_predict",
+]
 
 
 def _mirror_axes(text: str) -> tuple[int, ...]:
@@ -24,6 +30,21 @@ def _mirror_axes(text: str) -> tuple[int, ...]:
     if any(a not in (0, 1, 2) for a in axes):
         raise argparse.ArgumentTypeError(f"mirror axes are 0, 1, 2, got {text!r}")
     return axes
+
+
+def add_model_selection_arguments(p: argparse.ArgumentParser) -> None:
+    """``--folds`` and ``--checkpoint`` (nnU-Net model folders), shared by predict, batch and pacs run."""
+    p.add_argument(
+        "--folds",
+        default=None,
+        help="nnU-Net folds to ensemble, e.g. 0,1,2 or all (the fold_all model); default: every fold found",
+    )
+    p.add_argument(
+        "--checkpoint",
+        choices=["final", "best"],
+        default="final",
+        help="nnU-Net checkpoint: checkpoint_final.pth (default) or checkpoint_best.pth",
+    )
 
 
 def _outputs(text: str) -> tuple[str, ...]:
@@ -74,7 +95,7 @@ def add_predict_parser(subparsers: Any) -> None:
     """Register ``medseg predict`` on an argparse ``subparsers`` object."""
     p = subparsers.add_parser(
         "predict",
-        help="segment volumes / DICOM series with a model directory (or an ensemble)",
+        help="segment volumes / DICOM series with a model (medseg model directory, nnU-Net folder) or an ensemble",
         description=(
             "Segment NIfTI/NRRD/MHA files (<case>_0000.nii.gz ... for multi-channel models), folders of them, "
             "or DICOM series folders. Labels are written on each input's own grid; prediction.yaml records "
@@ -86,8 +107,10 @@ def add_predict_parser(subparsers: Any) -> None:
         "--model",
         required=True,
         action="append",
-        help="model directory; repeat to ensemble several folds/models (logits averaged)",
+        help="medseg model directory or nnU-Net v2 results folder (Dataset*/Trainer__Plans__Config); "
+        "repeat to ensemble several models (logits averaged)",
     )
+    add_model_selection_arguments(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--series",
@@ -158,11 +181,11 @@ def run_predict(args: argparse.Namespace) -> int:
     from medseg.errors import ConfigError
     from medseg.infer.predictor import Predictor
     from medseg.infer.run import predict_to_folder
-    from medseg.models.package import load_model
+    from medseg.models.adapters import open_model
 
-    models = [load_model(m) for m in args.model]
+    models = [open_model(m, folds=args.folds, checkpoint=args.checkpoint) for m in args.model]
     try:
-        infer = InferConfig.model_validate({**models[0].config.infer.model_dump(), **infer_overrides(args)})
+        infer = InferConfig.model_validate({**models[0].infer_defaults.model_dump(), **infer_overrides(args)})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"medseg predict options: {problems}") from None

@@ -87,6 +87,14 @@ def _wrap_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+def _channels_last_weights(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def prepare_network(
     network: nn.Module,
     *,
@@ -110,9 +118,10 @@ def prepare_network(
     net = copy.deepcopy(network)
     if channels_last:
         net = _wrap_norms(net)
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = net.to(device=torch.device(device), dtype=dtype)
-    net = net.to(memory_format=fmt)  # type: ignore[call-overload]
+    # channels-last: 3D weights channels-last-3d, 2D ones (a 2D network run on slices) channels-last
+    fmt = torch.contiguous_format
+    net = net._apply(_channels_last_weights) if channels_last else net.to(memory_format=fmt)  # type: ignore[call-overload]
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)

@@ -1,6 +1,11 @@
-"""Sliding-window prediction over a model directory, with outputs on the input grid.
+"""Sliding-window prediction with any model, with outputs on the input grid.
 
-The input is preprocessed exactly as in training (orientation, spacing, normalisation
+Models come through the model seam (:func:`medseg.models.adapters.open_model`): the predictor runs the
+pipeline registered for the model's preprocessing recipe (:data:`PIPELINES`): :class:`PlanPipeline` for
+medseg's plans (below), :class:`~medseg.infer.nnunet.NnUNetPipeline` for nnU-Net's.  Windows, mirroring,
+ensembling, precision and post-processing are shared.
+
+For a medseg plan the input is preprocessed exactly as in training (orientation, spacing, normalisation
 from the plan); windows that do not touch the body's box are skipped; the networks (one model, or several
 folds/models ensembled) run window by window with Gaussian blending, optional mirroring
 and reduced precision where the hardware has it: bf16 weights in channels-last on CPUs with
@@ -30,6 +35,7 @@ from medseg.data.plan import Plan
 from medseg.data.transforms import stack_channels
 from medseg.errors import ConfigError, ModelError, reraise_medseg
 from medseg.infer.crop import body_box, box_on_grid
+from medseg.infer.nnunet import NnUNetPipeline
 from medseg.infer.postprocess import PostprocessOptions, postprocess_labels
 from medseg.infer.preprocess import inference_preprocess
 from medseg.infer.resample import index_map, resample_to_grid
@@ -45,19 +51,18 @@ from medseg.infer.sliding_window import (
     windows_touching,
 )
 from medseg.io import Geometry, Volume, label_dtype, load_volume
+from medseg.models.adapters import ModelAdapter, NnUNetRecipe, PlanRecipe, open_model
+from medseg.models.adapters.medseg_dir import MedsegModelDir
 from medseg.models.device import resolve_device, resolve_precision, use_channels_last
-from medseg.models.package import LoadedModel, load_model
+from medseg.models.package import LoadedModel
 from medseg.types import PathLike
 
-__all__ = ["CasePrediction", "Predictor", "ProbabilityDtype", "mirror_combinations"]
+__all__ = ["PIPELINES", "CasePrediction", "PlanPipeline", "Predictor", "ProbabilityDtype", "mirror_combinations"]
 
 log = logging.getLogger(__name__)
 
 #: How probabilities are stored: ``uint8``/``uint16`` scaled to the dtype's maximum, or ``float32``.
 ProbabilityDtype = Literal["uint8", "uint16", "float32"]
-
-#: Plan fields that must agree between ensembled models.
-_SHARED_PLAN_FIELDS = ("channels", "labels", "target_spacing", "orientation", "patch_size")
 
 
 @dataclass
@@ -77,19 +82,27 @@ class CasePrediction:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _load(model: PathLike | LoadedModel) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model)
+def _adapter(model: PathLike | LoadedModel | ModelAdapter) -> ModelAdapter:
+    if isinstance(model, LoadedModel):
+        return MedsegModelDir.from_loaded(model)
+    return open_model(model)
 
 
-def _check_compatible(models: Sequence[LoadedModel]) -> None:
-    first = models[0]
-    for other in models[1:]:
-        for name in _SHARED_PLAN_FIELDS:
-            if getattr(first.plan, name) != getattr(other.plan, name):
-                raise ModelError(
-                    f"{other.path}: cannot ensemble with {first.path}: plans differ in {name} "
-                    f"({getattr(other.plan, name)!r} vs {getattr(first.plan, name)!r})"
-                )
+class PlanPipeline:
+    """Runs a :class:`~medseg.models.adapters.PlanRecipe` (medseg's plan) for a :class:`Predictor`."""
+
+    def __init__(self, adapter: ModelAdapter, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    def run(
+        self, channels: Sequence[Volume], probabilities: ProbabilityDtype | None
+    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+        """Labels ``(X, Y, Z)`` (and probabilities) on the input grid, plus timings."""
+        return self.predictor._plan_case(stack_channels(channels), probabilities)
+
+
+#: Preprocessing recipe type -> the pipeline that runs it (an exported model reuses these recipes).
+PIPELINES: dict[type, Any] = {PlanRecipe: PlanPipeline, NnUNetRecipe: NnUNetPipeline}
 
 
 def postprocess_options(infer: InferConfig) -> PostprocessOptions:
@@ -102,33 +115,37 @@ def postprocess_options(infer: InferConfig) -> PostprocessOptions:
 
 
 class Predictor:
-    """Predict label volumes with a trained model directory (or an ensemble of them).
+    """Predict label volumes with a model (or an ensemble of them).
 
     Args:
-        model: A model directory, a loaded model, or a sequence of them (ensembled by
-            averaging logits; their plans must agree).
-        infer: Inference settings; defaults to the (first) model's own ``config.infer``.
+        model: A model (anything :func:`~medseg.models.adapters.open_model` opens: a medseg model
+            directory, an nnU-Net results folder, an adapter, a loaded medseg model), or a sequence of
+            them (ensembled by averaging logits; they must agree on what :meth:`ModelAdapter.check_ensemble`
+            checks).
+        infer: Inference settings; defaults to the (first) model's own (``config.infer`` of a medseg
+            model, nnU-Net's predictor defaults for an nnU-Net folder).
         progress: Show a progress bar over windows.
 
     Raises:
-        ModelError: A model directory is incomplete or the models cannot be ensembled.
+        ModelError: A model is incomplete or the models cannot be ensembled.
         ConfigError: The device or precision asked for is not available.
     """
 
     def __init__(
         self,
-        model: PathLike | LoadedModel | Sequence[PathLike | LoadedModel],
+        model: PathLike | LoadedModel | ModelAdapter | Sequence[PathLike | LoadedModel | ModelAdapter],
         *,
         infer: InferConfig | None = None,
         progress: bool = False,
     ):
-        items: list[PathLike | LoadedModel] = list(model) if isinstance(model, (list, tuple)) else [model]  # type: ignore[list-item]
+        items: list[Any] = list(model) if isinstance(model, (list, tuple)) else [model]
         if not items:
             raise ModelError("no model given")
-        self.models = [_load(m) for m in items]
-        _check_compatible(self.models)
-        self.model = self.models[0]
-        self.infer = infer or self.model.config.infer
+        self.adapters = [_adapter(m) for m in items]
+        for other in self.adapters[1:]:
+            self.adapters[0].check_ensemble(other)
+        self.adapter = self.adapters[0]
+        self.infer = infer or self.adapter.infer_defaults
         try:
             self.device = resolve_device(self.infer.device)
             self.dtype = resolve_precision(self.infer.precision, self.device)
@@ -139,33 +156,59 @@ class Predictor:
         self.progress = progress
         self.channels_last = use_channels_last(self.device, self.dtype)
         self.windows = WindowPredictor(
-            [m.network for m in self.models],
+            [net for a in self.adapters for net in a.load_networks()],
             device=self.device,
             dtype=self.dtype,
             mirror_axes=self.infer.mirror_axes,
             channels_last=self.channels_last,
             batch_size=self.infer.sw_batch_size,
         )
-        self.network = self.model.network
+        self.network = self.windows.originals[0]
         self.postprocess = postprocess_options(self.infer)
-        self._preprocess = inference_preprocess(self.model.plan)
+        recipe = self.adapter.preprocessing
+        pipeline = PIPELINES.get(type(recipe))
+        if pipeline is None:
+            raise ModelError(f"{self.adapter.path}: no inference pipeline for {type(recipe).__name__}")
+        self.pipeline = pipeline(self.adapter, self)
+        self._preprocess = inference_preprocess(recipe.plan) if isinstance(recipe, PlanRecipe) else None
         self.last_timings: dict[str, float] = {}
 
     @property
+    def models(self) -> list[LoadedModel]:
+        """The loaded medseg model directories (medseg models only)."""
+        return [a.loaded for a in self.adapters if isinstance(a, MedsegModelDir)]
+
+    @property
+    def model(self) -> LoadedModel:
+        """The first loaded medseg model directory (medseg models only)."""
+        return self.models[0]
+
+    @property
     def plan(self) -> Plan:
-        """The (shared) plan of the model(s)."""
-        return self.model.plan
+        """The (shared) plan of medseg model(s)."""
+        recipe = self.adapter.preprocessing
+        if not isinstance(recipe, PlanRecipe):
+            raise AttributeError(f"{self.adapter.path} has no medseg plan")
+        return recipe.plan
 
     @property
     def label_names(self) -> dict[int, str]:
         """``{value: name}`` of the model's classes."""
-        return dict(self.model.plan.labels)
+        return self.adapter.label_names
+
+    @property
+    def num_channels(self) -> int:
+        """Input channels the model(s) expect."""
+        return self.adapter.num_channels
+
+    def stitch_device(self, size: Sequence[int], roi: Sequence[int], num_outputs: int) -> torch.device:
+        """Where the slab blending buffer for an image of ``size`` goes (GPU when it fits)."""
+        axis = choose_stream_axis([max(s, r) for s, r in zip(size, roi, strict=True)], roi)
+        need = slab_buffer_bytes(size, roi, num_outputs, axis)
+        return choose_stitch_device(self.windows.device, buffer_bytes=need)
 
     def _stitch_device(self, size: Sequence[int]) -> torch.device:
-        roi = self.plan.patch_size
-        axis = choose_stream_axis([max(s, r) for s, r in zip(size, roi, strict=True)], roi)
-        need = slab_buffer_bytes(size, roi, self.plan.num_classes, axis)
-        return choose_stitch_device(self.windows.device, buffer_bytes=need)
+        return self.stitch_device(size, self.plan.patch_size, self.plan.num_classes)
 
     def _slabs(self, image: torch.Tensor) -> Any:
         return iter_logit_slabs(
@@ -227,24 +270,28 @@ class Predictor:
         )
 
     def preprocess(self, channels: Volume | Sequence[Volume]) -> MetaTensor:
-        """Channels on one grid -> ``(C, X', Y', Z')`` MetaTensor on the plan's grid."""
+        """Channels on one grid -> ``(C, X', Y', Z')`` MetaTensor on the plan's grid (medseg models)."""
         items = [channels] if isinstance(channels, Volume) else list(channels)
+        if self._preprocess is None:
+            raise ModelError(f"{self.adapter.path}: preprocess() is for medseg plans")
         with reraise_medseg():
             return self._preprocess({"image": items})["image"]
 
-    def _check_channels(self, source: Volume) -> None:
-        expected = len(self.plan.channels)
-        volumes = int(source.meta.get("num_volumes", 1) or 1)
-        if volumes > 1:  # a 4D DICOM series is never mapped onto model channels implicitly
+    def _check_channels(self, items: Sequence[Volume]) -> None:
+        expected = self.adapter.num_channels
+        for source in items:
+            volumes = int(source.meta.get("num_volumes", 1) or 1)
+            if volumes > 1:  # a 4D DICOM series is never mapped onto model channels implicitly
+                raise ModelError(
+                    f"{source.source}: series {source.meta.get('series_key') or ''} has {volumes} volumes (time "
+                    "points, diffusion directions or echoes); models take one 3D volume per channel: choose one with "
+                    "'<UID>#vol=<n>' (medseg info lists the volumes)"
+                )
+        got = sum(v.channels for v in items)
+        if got != expected:
             raise ModelError(
-                f"{source.source}: series {source.meta.get('series_key') or ''} has {volumes} volumes (time points, "
-                "diffusion directions or echoes); models take one 3D volume per channel: choose one with "
-                "'<UID>#vol=<n>' (medseg info lists the volumes)"
-            )
-        if source.channels != expected:
-            raise ModelError(
-                f"{source.source}: model expects {expected} channel(s) "
-                f"({', '.join(c.name for c in self.plan.channels)}), got {source.channels}"
+                f"{items[0].source}: model expects {expected} channel(s) "
+                f"({', '.join(c.name for c in self.adapter.channels)}), got {got}"
             )
 
     def predict(self, channels: Volume | Sequence[Volume]) -> Volume:
@@ -273,14 +320,30 @@ class Predictor:
             ModelError: The number of channels does not match the model (names the file).
         """
         items = [channels] if isinstance(channels, Volume) else list(channels)
-        source = stack_channels(items)
-        self._check_channels(source)
-        geometry, name = source.geometry, source.source
+        self._check_channels(items)
+        geometry, name = items[0].geometry, items[0].source
+        labels, probs, timings = self.pipeline.run(items, probabilities)
+        del items
+        t3 = time.perf_counter()
+        labels = postprocess_labels(labels, spacing=geometry.spacing, options=self.postprocess)
+        self.last_timings = {**timings, "postprocess_s": round(time.perf_counter() - t3, 4)}
+        meta = {"label_names": self.label_names}
+        label_volume = Volume(array=labels[None], geometry=geometry, kind="label", source=name, meta=meta)
+        prob_volume = None
+        if probs is not None:
+            prob_volume = Volume(array=probs, geometry=geometry, kind="image", source=name, meta=dict(meta))
+        return CasePrediction(labels=label_volume, probabilities=prob_volume, timings=dict(self.last_timings))
+
+    def _plan_case(
+        self, source: Volume, probabilities: ProbabilityDtype | None
+    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+        """The medseg-plan pipeline: labels (and probabilities) on the input grid, plus timings."""
+        geometry = source.geometry
         t0 = time.perf_counter()
         mode = self.infer.body_crop
         box = body_box(source, self.plan) if mode != "none" else None
         image = self.preprocess(source)
-        del source, items
+        del source
         net_affine = torch.as_tensor(image.affine).detach().cpu().numpy().astype(np.float64)
         net_shape = (int(image.shape[1]), int(image.shape[2]), int(image.shape[3]))
         plain = image.as_tensor()
@@ -323,22 +386,14 @@ class Predictor:
             )
             del store
         t3 = time.perf_counter()
-        labels = postprocess_labels(labels, spacing=geometry.spacing, options=self.postprocess)
-        t4 = time.perf_counter()
-        self.last_timings = {
+        timings = {
             "preprocess_s": round(t1 - t0, 4),
             "network_s": round(t2 - t1, 4),
             "forward_s": round(self.windows.seconds - forward_before, 4),
             "windows": self.windows.calls - windows_before,
             "resample_s": round(t3 - t2, 4),
-            "postprocess_s": round(t4 - t3, 4),
         }
-        meta = {"label_names": self.label_names}
-        label_volume = Volume(array=labels[None], geometry=geometry, kind="label", source=name, meta=meta)
-        prob_volume = None
-        if probs is not None:
-            prob_volume = Volume(array=probs, geometry=geometry, kind="image", source=name, meta=dict(meta))
-        return CasePrediction(labels=label_volume, probabilities=prob_volume, timings=dict(self.last_timings))
+        return labels, probs, timings
 
     @staticmethod
     def _to_input_grid(logits: torch.Tensor, network_affine: torch.Tensor, source: Volume) -> np.ndarray:
@@ -364,9 +419,10 @@ class Predictor:
 
     def describe(self) -> dict[str, Any]:
         """Settings used, for the YAML written beside predictions."""
-        paths = [str(Path(m.path).resolve()) for m in self.models]
+        paths = [str(Path(m.path).resolve()) for m in self.adapters]
         return {
             "model": paths[0] if len(paths) == 1 else paths,
+            "model_info": [a.describe() for a in self.adapters],
             "device": str(self.device),
             "precision": str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
             "channels_last": self.channels_last,

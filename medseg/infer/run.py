@@ -176,7 +176,7 @@ def predict_to_folder(
     except ValueError as exc:
         raise ConfigError(f"outputs: {exc}") from None
     out = Path(out_dir)
-    cases = group_inputs(inputs, num_channels=len(predictor.model.plan.channels))
+    cases = group_inputs(inputs, num_channels=predictor.num_channels)
     records: list[dict[str, Any]] = []
     bar = tqdm(cases, desc="predict", unit="case", disable=None if progress else True)
     started = time.time()

@@ -42,6 +42,7 @@ from medseg.infer.fastnet import prepare_network
 __all__ = [
     "BlendMode",
     "LogitSlab",
+    "Tiling",
     "WindowPredictor",
     "choose_stitch_device",
     "choose_stream_axis",
@@ -49,6 +50,8 @@ __all__ = [
     "is_out_of_memory",
     "iter_logit_slabs",
     "mirror_combinations",
+    "nnunet_gaussian",
+    "nnunet_window_starts",
     "slab_buffer_bytes",
     "sliding_window_predict",
     "window_starts",
@@ -58,6 +61,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BlendMode = Literal["gaussian", "constant"]
+
+#: Window placement and blending weights: MONAI's (medseg models) or nnU-Net's (nnU-Net models).
+Tiling = Literal["monai", "nnunet"]
 
 #: Share of the free CUDA memory the stitching buffer may take (the rest is for activations).
 GPU_STITCH_FRACTION = 0.5
@@ -88,6 +94,64 @@ def window_starts(image_size: Sequence[int], roi_size: Sequence[int], *, overlap
     ]
     slices = dense_patch_slices(list(image_size), list(roi_size), interval)
     return [(int(s[0].start), int(s[1].start), int(s[2].start)) for s in slices]
+
+
+def nnunet_window_starts(
+    image_size: Sequence[int], roi_size: Sequence[int], *, step: float, slices: bool = False
+) -> list[tuple[int, int, int]]:
+    """Start corners of nnU-Net's windows (``compute_steps_for_sliding_window``).
+
+    Along each axis ``ceil((size - roi) / (roi * step)) + 1`` windows, evenly spread with the
+    last one flush with the end (starts rounded with ``np.round``, as nnU-Net does).
+
+    Args:
+        image_size: ``(X, Y, Z)``, each at least the window size (pad first).
+        roi_size: Window size.
+        step: nnU-Net's ``tile_step_size`` in ``(0, 1]`` (``1 - overlap``).
+        slices: 2D network: one window per index of axis 0 (``roi_size[0] == 1``), nnU-Net's
+            placement on axes 1 and 2.
+
+    Returns:
+        Window corners in nnU-Net's order (axis 0 outermost).
+    """
+    import numpy as np
+
+    if not 0 < step <= 1:
+        raise ValueError(f"tile step must be in (0, 1], got {step}")
+    per_axis: list[list[int]] = []
+    for axis, (size, roi) in enumerate(zip(image_size, roi_size, strict=True)):
+        if slices and axis == 0:
+            per_axis.append(list(range(int(size))))
+            continue
+        n = int(np.ceil((size - roi) / (roi * step))) + 1
+        actual = (size - roi) / (n - 1) if n > 1 else 99999999999
+        per_axis.append([int(np.round(actual * i)) for i in range(n)])
+    return [(a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]]
+
+
+def nnunet_gaussian(roi_size: Sequence[int], *, sigma_scale: float = 0.125, spatial_dims: int = 3) -> torch.Tensor:
+    """nnU-Net's blending weights (``compute_gaussian``): float16, peak 10, zeros lifted to the minimum.
+
+    Args:
+        roi_size: Window size (3 axes; for a 2D network ``(1, y, x)``, the Gaussian is 2D).
+        sigma_scale: Sigma as a fraction of the window.
+        spatial_dims: 2 for a 2D network.
+
+    Returns:
+        ``roi_size`` float32 tensor holding nnU-Net's float16 values.
+    """
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    tile = tuple(int(r) for r in roi_size)[3 - spatial_dims :]
+    tmp = np.zeros(tile)
+    tmp[tuple(i // 2 for i in tile)] = 1
+    g = gaussian_filter(tmp, [i * sigma_scale for i in tile], 0, mode="constant", cval=0)
+    g /= np.max(g) / 10
+    weights = torch.from_numpy(g).to(torch.float16)
+    mask = weights == 0
+    weights[mask] = torch.min(weights[~mask])
+    return weights.float().reshape(tuple(int(r) for r in roi_size))
 
 
 def windows_touching(
@@ -369,14 +433,19 @@ def _allocate(
     mode: BlendMode,
     sigma_scale: float,
     device: torch.device,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blending buffers: accumulator ``(K, *shape)``, window weights ``(1, *roi)``, weight sum ``(1, *shape)``.
 
-    They go to ``device``, or to the CPU if ``device`` runs out of memory.
+    They go to ``device``, or to the CPU if ``device`` runs out of memory.  ``importance`` replaces
+    MONAI's importance map (nnU-Net's Gaussian).
     """
 
     def make(where: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weight = compute_importance_map(tuple(roi), mode=mode, sigma_scale=sigma_scale).to(where)
+        if importance is not None:
+            weight = importance.to(where)
+        else:
+            weight = compute_importance_map(tuple(roi), mode=mode, sigma_scale=sigma_scale).to(where)
         wsum = torch.zeros((1, *shape), dtype=torch.float32, device=where)
         acc = torch.zeros((num_classes, *shape), dtype=torch.float32, device=where)
         return acc, weight.to(torch.float32).reshape(1, *roi), wsum
@@ -404,6 +473,8 @@ def iter_logit_slabs(
     stream_axis: int | None = None,
     stitch_device: torch.device | str = "cpu",
     progress: bool = False,
+    tiling: Tiling = "monai",
+    spatial_dims: int = 3,
 ) -> Iterator[LogitSlab]:
     """Blend window predictions over a volume and yield finished slabs in order.
 
@@ -423,6 +494,10 @@ def iter_logit_slabs(
         stream_axis: Spatial axis to stream along; default :func:`choose_stream_axis`.
         stitch_device: Where the float32 blending buffer (``K x plane x window depth``) lives.
         progress: Show a progress bar over windows.
+        tiling: ``monai`` (above) or ``nnunet``: nnU-Net's window placement with tile step
+            ``1 - overlap`` (:func:`nnunet_window_starts`) and its Gaussian (:func:`nnunet_gaussian`;
+            ``mode="constant"``: weights 1), accumulated in float32 (nnU-Net accumulates in float16).
+        spatial_dims: 2: a 2D network on ``(1, y, x)`` windows, one per index of axis 0 (``nnunet`` tiling).
 
     Yields:
         :class:`LogitSlab` s covering the image along ``stream_axis``, in increasing order; each
@@ -435,7 +510,16 @@ def iter_logit_slabs(
     padded, before = _pad_to_window(image, roi)
     size = tuple(int(s) for s in padded.shape[1:])
     axis = choose_stream_axis(size, roi) if stream_axis is None else int(stream_axis)
-    starts = sorted(window_starts(size, roi, overlap=overlap), key=lambda s: (s[axis], s))
+    importance: torch.Tensor | None = None
+    if tiling == "nnunet":
+        placed = nnunet_window_starts(size, roi, step=1.0 - overlap, slices=spatial_dims == 2)
+        if mode == "gaussian":
+            importance = nnunet_gaussian(roi, sigma_scale=sigma_scale, spatial_dims=spatial_dims)
+        else:
+            importance = torch.ones(roi)
+    else:
+        placed = window_starts(size, roi, overlap=overlap)
+    starts = sorted(placed, key=lambda s: (s[axis], s))
     stitch = torch.device(stitch_device)
     depth = roi[axis]
     buf_shape = list(size)
@@ -467,7 +551,9 @@ def iter_logit_slabs(
         if logits.shape[0] != len(batch) or tuple(logits.shape[2:]) != roi:
             raise ValueError(f"predictor returned {tuple(logits.shape)} for windows {tuple(windows.shape)}")
         if acc.numel() == 0:
-            acc, weight, wsum = _allocate(int(logits.shape[1]), buf_shape, roi, mode, sigma_scale, stitch)
+            acc, weight, wsum = _allocate(
+                int(logits.shape[1]), buf_shape, roi, mode, sigma_scale, stitch, importance=importance
+            )
             stitch = acc.device
         logits = logits.to(stitch)
         for corner, out in zip(batch, logits, strict=True):

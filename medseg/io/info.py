@@ -1,4 +1,4 @@
-"""``medseg info``: the series in a folder (headers only) or the geometry of one volume.
+"""``medseg info``: the series in a folder (headers only), the geometry of one volume, or a model.
 
 For a folder every DICOM image series is listed (key/UID, modality, description, slices,
 volumes and b-values of multi-volume series, shape, spacing, orientation code) from headers
@@ -7,7 +7,10 @@ folder holds exactly one series its volume is also loaded and described.  For a 
 NRRD, MHA, or a DICOM file) the volume is loaded and its geometry (shape, spacing, origin,
 direction, orientation) and value range are shown.  A DICOM SEG file is read onto the grid of
 the series it references when that series is found (``reference`` folder, else the SEG's own
-folder), else onto its own frames, and its segments are listed.
+folder), else onto its own frames, and its segments are listed.  For a model (a medseg model
+directory or an nnU-Net results folder) the model seam's ``describe()`` is shown (channels, labels,
+spacing, patch, network, folds; no weights are loaded): the one place the IO stage uses
+:mod:`medseg.models`, lazily.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ def gather_info(
         reference: For a DICOM SEG, the folder holding the series it references (default: its folder).
 
     Returns:
-        ``{"path", "kind": "folder" | "file" | "seg", "series": [...], "skipped": {...},
-        "segmentations": [...], "volume": {...} | None}`` (``"segmentation"`` for a SEG file).
+        ``{"path", "kind": "folder" | "file" | "seg" | "model", "series": [...], "skipped": {...},
+        "segmentations": [...], "volume": {...} | None}`` (``"segmentation"`` for a SEG file, ``"model"``:
+        the description of a model).
 
     Raises:
         InputError: Missing path, nothing readable, or an unreadable volume file.
@@ -52,6 +56,12 @@ def gather_info(
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or folder")
+    if p.is_dir():
+        from medseg.models.adapters import ADAPTERS, open_model  # a model folder: the model seam describes it
+
+        if any(adapter.recognises(p) for adapter in ADAPTERS):
+            model = open_model(p).describe()
+            return {"path": str(p), "kind": "model", "series": [], "skipped": {}, "volume": None, "model": model}
     if p.is_file() and split_suffix(p)[1] in VOLUME_SUFFIXES:
         volume = read_image_file(p)
         return {"path": str(p), "kind": "file", "series": [], "skipped": {}, "volume": describe_volume(volume)}
@@ -160,6 +170,8 @@ def _volumes_info(volume: Volume) -> dict[str, Any]:
 def format_info(data: dict[str, Any]) -> str:
     """Human-readable text for :func:`gather_info` output."""
     lines: list[str] = []
+    if data.get("model") is not None:
+        return _format_model(data["model"])
     series = data["series"]
     if series:
         skipped = data["skipped"]
@@ -214,6 +226,22 @@ def format_info(data: dict[str, Any]) -> str:
     volume = data.get("volume")
     if volume is not None:
         lines.extend(_format_volume(volume, data["path"] if not series and data.get("kind") != "seg" else None))
+    return "\n".join(lines)
+
+
+def _format_model(m: dict[str, Any]) -> str:
+    """A model's ``describe()`` as aligned ``key  value`` lines."""
+    lines = [f"{m.get('path')}: {m.get('format')}"]
+    for key, value in m.items():
+        if key in ("path", "format") or value is None:
+            continue
+        if key == "channels":
+            value = ", ".join(f"{c['name']} ({c['modality']}, {c['normalization']})" for c in value)
+        elif key == "labels":
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        lines.append(f"  {key:<18} {value}")
     return "\n".join(lines)
 
 

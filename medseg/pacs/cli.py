@@ -19,6 +19,7 @@ from typing import Any
 
 from medseg.batch.cli import parse_outputs
 from medseg.errors import run_reporting_errors
+from medseg.infer.cli import add_inference_arguments, add_model_selection_arguments
 
 __all__ = ["add_listen_parser", "add_pacs_parser", "main"]
 
@@ -134,6 +135,8 @@ def _run_options(args: argparse.Namespace, *, store: bool) -> Any:
         retry_failed=getattr(args, "retry_failed", False),
         seg_type=args.seg_type,
         device=args.device,
+        folds=args.folds,
+        checkpoint=args.checkpoint,
         workers=args.workers,
         progress=not args.quiet,
         protocol=args.protocol,
@@ -187,7 +190,8 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 
 def _add_segment_options(p: argparse.ArgumentParser, *, default_outputs: tuple[str, ...]) -> None:
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model: medseg model directory or nnU-Net v2 results folder")
+    add_model_selection_arguments(p)
     p.add_argument("--out", required=True, help="output folder (manifest, inputs, results, summaries)")
     p.add_argument(
         "--outputs",
@@ -205,8 +209,6 @@ def _add_segment_options(p: argparse.ArgumentParser, *, default_outputs: tuple[s
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    from medseg.infer.cli import add_inference_arguments
-
     add_inference_arguments(p, device_help="auto (default: the model config's), cpu, cuda, cuda:N")
 
 

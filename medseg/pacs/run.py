@@ -79,6 +79,8 @@ class PacsRunOptions:
         retry_failed: Segment again series whose segmentation failed before.
         seg_type: DICOM SEG encoding (``binary`` or ``labelmap``).
         device: Inference device (default: the model config's).
+        folds: nnU-Net folds (``"0,1"``, ``"all"``; default: every fold found).
+        checkpoint: nnU-Net checkpoint, ``final`` or ``best``.
         workers: Batch loader threads.
         progress: Progress bars.
         protocol: Query/retrieve protocol (default: the profile's).
@@ -95,6 +97,8 @@ class PacsRunOptions:
     retry_failed: bool = False
     seg_type: Literal["binary", "labelmap"] = "binary"
     device: str | None = None
+    folds: str | None = None
+    checkpoint: Literal["final", "best"] = "final"
     workers: int = 1
     progress: bool = True
     protocol: Literal["dicomweb", "dimse"] | None = None
@@ -400,6 +404,8 @@ def _batch_options(options: PacsRunOptions, rules_path: Path | None, *, progress
         device=options.device,
         infer=dict(options.infer),
         compat_check=options.compat_check,
+        folds=options.folds,
+        checkpoint=options.checkpoint,
         handle_sigint=False,  # pacs run / listen stop as a whole on Ctrl-C
     )
 
@@ -421,7 +427,7 @@ def pacs_run(
 
     Args:
         profile: The PACS.
-        model: Model directory.
+        model: Model (medseg model directory or nnU-Net folder).
         filters: Which series (study/series filters, optional selection rules and limit).
         out: Output folder.
         options: Run settings.
@@ -447,7 +453,7 @@ def pacs_run(
         raise ConfigError(
             f"{filters.source}: no filters - refusing to retrieve every series of the PACS (pass --all to mean it)"
         )
-    model_fingerprint(model)  # fail early on a bad model directory, before any transfer
+    model_fingerprint(model, folds=options.folds, checkpoint=options.checkpoint)  # fail early, before any transfer
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / INPUTS).mkdir(exist_ok=True)
@@ -628,7 +634,7 @@ def listen(
 
     Args:
         profile: Listener settings (``listener`` section) and the store destination.
-        model: Model directory.
+        model: Model (medseg model directory or nnU-Net folder).
         out: Output folder (the same layout as :func:`pacs_run`).
         options: Outputs, ``store`` (send results), quiet period, rules, ...
         stop: Set it to stop (the CLI sets it on SIGTERM/SIGINT).
@@ -645,7 +651,7 @@ def listen(
 
     options = options or PacsRunOptions()
     options.validate()
-    model_fingerprint(model)
+    model_fingerprint(model, folds=options.folds, checkpoint=options.checkpoint)
     cfg = profile.listener
     quiet = options.quiet_s if options.quiet_s is not None else cfg.quiet_s
     stop = stop or threading.Event()
