@@ -291,6 +291,8 @@ def test_seg_of_one_echo_of_a_multi_echo_series_references_that_echo(shared_data
     seg, _ = _check_outputs(tmp_path, image, labels)
     referenced = {str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == echo2
+    with pytest.raises(InputError, match="several volumes of a multi-volume series"):  # both echoes given
+        write_dicom_seg(labels, folder, tmp_path / "both.dcm", label_names=NAMES)
 
 
 def test_character_set_terms_taken_without_asking_highdicom_are_ones_it_accepts() -> None:

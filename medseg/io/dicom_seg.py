@@ -285,7 +285,11 @@ def source_geometry(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Geometr
     along = positions[order] @ normal
     steps = np.diff(along)
     if len(steps) and np.min(steps) < 1e-3:
-        raise InputError(_name(datasets[order[int(np.argmin(steps)) + 1]]), "duplicate slice position in the source")
+        raise InputError(
+            _name(datasets[order[int(np.argmin(steps)) + 1]]),
+            "duplicate slice position in the source (several volumes of a multi-volume series? a DICOM SEG references"
+            " the one volume it was segmented from: give only its slices, e.g. read with series_uid='<UID>#vol=<n>')",
+        )
     n = len(along)
     dz = float(along[-1] - along[0]) / (n - 1) if n > 1 else float(getattr(first, "SliceThickness", 1.0) or 1.0)
     if n > 2 and np.max(np.abs(along - (along[0] + dz * np.arange(n)))) > SLICE_GRID_TOLERANCE * dz:
