@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 # CPU build of torch; a GPU user installs their CUDA build first (see README) and sets TORCH_SPEC= .
+# TORCH_SPEC is repeated in every install below: a dependency wanting another torch (torchvision via
+# dynamic-network-architectures -> timm) would otherwise replace the CPU build with a multi-GB CUDA one.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test test-all lint install install-test clean
@@ -15,13 +17,13 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install --quiet "$(TORCH_SPEC)"; fi
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e . $(TORCH_SPEC)
 
 install-test: $(BIN)/python
 	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install --quiet "$(TORCH_SPEC)"; fi
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]" $(TORCH_SPEC)
 	@# Ray for the `medseg batch --engine ray` cluster tests (they skip when it is missing)
-	$(BIN)/pip install --quiet -e ".[ray]" || echo "ray not installable: the Ray cluster tests will skip" >&2
+	$(BIN)/pip install --quiet -e ".[ray]" $(TORCH_SPEC) || echo "ray not installable: the Ray cluster tests will skip" >&2
 
 demo: install
 	$(BIN)/medseg demo --out demo_output --overwrite

@@ -650,6 +650,81 @@ def test_listen_cli_starts_and_stops(pacs: Orthanc, tiny_model: Path, tmp_path: 
     assert (tmp_path / "out" / "listen_summary.json").is_file()
 
 
+def test_pacs_run_and_listen_take_batch_inference_options_and_no_compat_check(
+    pacs: Orthanc,
+    phantom_series: dict[str, Path],
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: Any,
+) -> None:
+    """A series that does not fit the model is skipped unless --no-compat-check; inference flags reach the model."""
+    import medseg.pacs.run as pacs_run_module
+    from medseg.batch.manifest import Manifest
+    from medseg.infer.predictor import Predictor
+    from medseg.pacs.cli import main
+
+    profile = _profile(pacs, tmp_path)
+    profile_file = tmp_path / "profile.yaml"
+    profile_file.write_text(json.dumps(profile.model_dump(exclude_none=True)))  # JSON is YAML
+    folder = tmp_path / "series" / "cmp_1"  # the CT phantom labelled MR: the CT model's compat check refuses it
+    shutil.copytree(phantom_series["run_1"], folder)
+    from pydicom.uid import generate_uid
+
+    _set(folder, PatientID="CMP-cmp_1", Modality="MR", StudyInstanceUID=generate_uid(entropy_srcs=["cmp", "study"]),
+         SeriesInstanceUID=generate_uid(entropy_srcs=["cmp", "series"]))  # fmt: skip
+    _renew_sop_uids(folder, "cmp")
+    pacs.upload(folder)
+
+    made: list[Any] = []  # the inference settings of every predictor built
+    real_init = Predictor.__init__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        made.append(self.infer)
+
+    monkeypatch.setattr(Predictor, "__init__", spy)
+    common = ["run", "--profile", str(profile_file), "--model", str(tiny_model), "--patient-id", "CMP-*",
+              "--outputs", "nifti,json", "--workers", "0", "--quiet", "--json"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "checked")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["run"]["segmented"] == 0 and made == []
+    with Manifest(tmp_path / "checked" / "manifest.sqlite") as manifest:
+        (row,) = manifest.rows("skipped")
+    assert "does not fit the model" in row["reason"] and "modality MR" in row["reason"]
+
+    options = ["--no-compat-check", "--overlap", "0.25", "--mirror-axes", "none", "--largest-component"]
+    assert main([*common, "--out", str(tmp_path / "unchecked"), *options]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["run"]["segmented"] == 1
+    (infer,) = made
+    assert (infer.overlap, tuple(infer.mirror_axes), infer.keep_largest_component) == (0.25, (), True)
+    with Manifest(tmp_path / "unchecked" / "manifest.sqlite") as manifest:
+        assert len(manifest.rows("done")) == 1
+
+    # listen: the same flags, into the same options
+    seen: list[Any] = []
+    real_listen = pacs_run_module.listen
+
+    def listen_spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[3])
+        return real_listen(*args, **kwargs)
+
+    monkeypatch.setattr(pacs_run_module, "listen", listen_spy)
+    argv = ["listen", "--profile", str(profile_file), "--model", str(tiny_model), "--out", str(tmp_path / "lis"),
+            "--port", str(_free_port()), "--max-runtime", "0.2", "--no-store", "--quiet", *options,
+            "--precision", "fp32", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    (listen_options,) = seen
+    assert listen_options.compat_check is False and listen_options.device == "cpu"
+    assert dict(listen_options.infer) == {
+        "overlap": 0.25,
+        "mirror_axes": (),
+        "keep_largest_component": True,
+        "precision": "fp32",
+    }
+
+
 # ----------------------------------------------------------------- real data
 def test_real_series_stow_qido_wado_roundtrip(pacs: Orthanc, shared_data: Path, tmp_path: Path) -> None:
     from medseg.io import read_dicom_series

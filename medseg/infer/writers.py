@@ -151,6 +151,12 @@ def dicom_source_problem(image: Volume | None) -> str | None:
             "the source series has an empty SeriesInstanceUID/StudyInstanceUID (anonymised by blanking UIDs?); a DICOM"
             " SEG/RTSTRUCT must reference its source by UID - use the nifti/json outputs for this series"
         )
+    volumes = int(meta.get("num_volumes", 1) or 1)
+    if volumes > 1:
+        return (
+            f"the source is a multi-volume series ({volumes} volumes); a DICOM SEG/RTSTRUCT references the one volume"
+            " it was segmented from: segment one volume ('<UID>#vol=<n>')"
+        )
     return None
 
 
@@ -190,8 +196,15 @@ def _write_rtstruct(
     description: str,
     *,
     overwrite: bool,
+    series_name: str | None = None,
 ) -> None:
-    """RTSTRUCT through :func:`medseg.io.rtstruct.labels_to_rtstruct`, referencing the loaded series."""
+    """RTSTRUCT through :func:`medseg.io.rtstruct.labels_to_rtstruct`, referencing the loaded series.
+
+    Refusals (blanked UIDs, a label off the series grid) raise :class:`~medseg.errors.ExportError` naming
+    the series, like the SEG writer's.
+    """
+    from medseg.errors import ExportError, GeometryError, InputError
+    from medseg.io.dicom_seg import series_label
     from medseg.io.rtstruct import ReferenceSeries, labels_to_rtstruct
 
     if not sources:
@@ -207,15 +220,19 @@ def _write_rtstruct(
         sop_class_uid=sop_class,
         frame_of_reference_uid=str(header.get("FrameOfReferenceUID", "") or ""),
     )
-    labels_to_rtstruct(
-        label,
-        reference,
-        path,
-        label_names={k: v for k, v in names.items() if k != 0},
-        series_description=description,
-        include_empty=True,  # every class, in model order, even without contours (an empty set is invalid DICOM)
-        overwrite=overwrite,
-    )
+    try:
+        labels_to_rtstruct(
+            label,
+            reference,
+            path,
+            label_names={k: v for k, v in names.items() if k != 0},
+            series_description=description,
+            include_empty=True,  # every class, in model order, even without contours (an empty set is invalid DICOM)
+            overwrite=overwrite,
+        )
+    except (InputError, GeometryError) as exc:
+        reason = exc.reason if isinstance(exc, InputError) else str(exc)
+        raise ExportError(series_name or series_label(header), "RTSTRUCT", reason) from exc
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -302,7 +319,14 @@ def write_outputs(
                     raise MedsegError("RTSTRUCT needs the source image")
                 rt_description = f"medseg RTSTRUCT {description}".strip()[:64]
                 _write_rtstruct(
-                    label, image, list(sources or []), target, label_names, rt_description, overwrite=overwrite
+                    label,
+                    image,
+                    list(sources or []),
+                    target,
+                    label_names,
+                    rt_description,
+                    overwrite=overwrite,
+                    series_name=series_name,
                 )
             else:
                 data = {

@@ -15,7 +15,13 @@ patient/study modules copied from the source).  What medseg adds:
 * within-tolerance orientation / pixel-spacing jitter between the source slices (which the
   loader accepts, e.g. ImageOrientationPatient differing by 1e-7 in TCIA exports) is
   normalised on copies of the headers before highdicom, which requires exact equality, sees
-  it (:func:`normalise_source_headers`, tolerances shared with :mod:`medseg.io.dicom_stack`);
+  it (:func:`normalise_source_headers`, tolerances shared with :mod:`medseg.io.dicom_stack`),
+  and so is the other header noise highdicom refuses (an empty SpecificCharacterSet, PatientSex
+  ``U``, malformed dates, absent Type 2 attributes or SliceThickness; see
+  :mod:`medseg.io.dicom_headers`);
+* a Siemens mosaic (one image holding every slice of a volume) gets a SEG in its slices' own
+  plane positions that references the mosaic image (:func:`mosaic_geometry`); the mosaics of
+  several volumes are refused (a SEG references the one volume it was segmented from);
 * failures are :class:`~medseg.errors.ExportError` / :class:`~medseg.errors.GeometryError`
   naming the *series* (patient, study date, series number, description), never the output
   path, which may be a temporary file;
@@ -49,6 +55,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from medseg.errors import ExportError, GeometryError, InputError, MedsegError
 from medseg.io.dicom import is_dicom_file, read_dataset
@@ -69,6 +76,7 @@ __all__ = [
     "coded_property",
     "find_reference",
     "is_dicom_seg",
+    "mosaic_geometry",
     "normalise_source_headers",
     "read_dicom_seg",
     "referenced_series_uid",
@@ -197,8 +205,6 @@ def _check_references(datasets: Sequence[Dataset]) -> None:
             )
         if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
             raise InputError(_name(ds), "multi-frame sources are not supported by write_dicom_seg")
-        if "SOPClassUID" not in ds:
-            ds.SOPClassUID = sop_class  # only in the file meta (seen in real exports); highdicom needs it here
     for key in ("SeriesInstanceUID", "FrameOfReferenceUID"):
         values = {str(ds.get(key)) for ds in datasets}
         if len(values) > 1:
@@ -278,7 +284,11 @@ def source_geometry(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Geometr
     along = positions[order] @ normal
     steps = np.diff(along)
     if len(steps) and np.min(steps) < 1e-3:
-        raise InputError(_name(datasets[order[int(np.argmin(steps)) + 1]]), "duplicate slice position in the source")
+        raise InputError(
+            _name(datasets[order[int(np.argmin(steps)) + 1]]),
+            "duplicate slice position in the source (several volumes of a multi-volume series? a DICOM SEG references"
+            " the one volume it was segmented from: give only its slices, e.g. read with series_uid='<UID>#vol=<n>')",
+        )
     n = len(along)
     dz = float(along[-1] - along[0]) / (n - 1) if n > 1 else float(getattr(first, "SliceThickness", 1.0) or 1.0)
     if n > 2 and np.max(np.abs(along - (along[0] + dz * np.arange(n)))) > SLICE_GRID_TOLERANCE * dz:
@@ -293,40 +303,139 @@ def source_geometry(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Geometr
     return [datasets[i] for i in order], geometry
 
 
-def normalise_source_headers(ordered: Sequence[Dataset]) -> tuple[list[Dataset], list[str]]:
-    """Copies of the slice headers with within-tolerance orientation / pixel-spacing jitter removed.
+def _is_mosaic_source(datasets: Sequence[Dataset]) -> bool:
+    """Whether the sources are Siemens mosaics (refuses a mix of mosaics and plain slices)."""
+    from medseg.io.mosaic import is_mosaic
 
-    Real exports (e.g. TCIA MR series) carry ImageOrientationPatient values that differ by ~1e-7
-    between slices of one series; the loader accepts them (same tolerances as
-    :func:`source_geometry`), but highdicom requires the source images to share one orientation
-    exactly.  Every copy gets the first slice's ImageOrientationPatient and PixelSpacing (the
-    values the loaded volume's grid is built from); positions and UIDs are untouched, so the SEG
-    still references the source instances exactly.  The caller's datasets are not modified.
+    flags = [is_mosaic(ds) for ds in datasets]
+    if any(flags) and not all(flags):
+        raise InputError(_name(datasets[0]), "the source mixes Siemens mosaics and single slices")
+    return bool(flags) and all(flags)
+
+
+def mosaic_geometry(datasets: Sequence[Dataset]) -> tuple[list[Dataset], Geometry]:
+    """The slice grid of one Siemens mosaic (one volume of its series), as the loader un-tiles it.
+
+    A mosaic is one image holding every slice of a volume as tiles, so a SEG's frames cannot lie
+    on its pixel matrix; the SEG gets the slices' own plane positions instead and references the
+    mosaic image (:func:`write_dicom_seg`).
+
+    Args:
+        datasets: The header of the mosaic the label was segmented from (one volume).
+
+    Returns:
+        ``([header], grid)``: the grid ``(tile columns, tile rows, slices)`` with slices ascending
+        along ``row x column`` direction, as :func:`medseg.io.read_dicom_series` returns it.
+
+    Raises:
+        InputError: Several mosaics (several volumes of a 4D series: give the one that was segmented,
+            e.g. :func:`medseg.infer.writers.source_headers` of a volume read with ``'<UID>#vol=<n>'``),
+            or a mosaic whose CSA header cannot be un-tiled.
+    """
+    from medseg.io.mosaic import mosaic_layout
+
+    if len(datasets) != 1:
+        raise InputError(
+            _name(datasets[0]),
+            f"the source holds {len(datasets)} Siemens mosaics, i.e. {len(datasets)} volumes of a multi-volume"
+            " series; a DICOM SEG references the one volume it was segmented from: give only that mosaic (read"
+            " the volume with series_uid='<UID>#vol=<n>'; medseg info lists the volumes)",
+        )
+    ds = datasets[0]
+    for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
+        if tag not in ds:
+            raise InputError(_name(ds), f"missing {tag}; cannot place the slices in patient space")
+    layout = mosaic_layout(ds, Path(_name(ds)))
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
+    along = layout.positions @ normal
+    order = np.argsort(along, kind="stable")
+    n = layout.n_slices
+    dz = float(along[order[-1]] - along[order[0]]) / (n - 1) if n > 1 else float(ds.get("SliceThickness", 1) or 1)
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    geometry = Geometry.from_itk(
+        shape=(layout.tile_cols, layout.tile_rows, n),
+        spacing=(col_spacing, row_spacing, dz),
+        origin=tuple(layout.positions[order[0]]),
+        direction=np.stack([row_dir, col_dir, normal], axis=1),
+    )
+    return [ds], geometry
+
+
+def _sop_class(ds: Dataset) -> str:
+    return str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+
+
+def normalise_source_headers(
+    ordered: Sequence[Dataset], *, slice_spacing: float | None = None
+) -> tuple[list[Dataset], list[str]]:
+    """Copies of the slice headers with the real-world noise highdicom refuses (but the loader accepts) removed.
+
+    * **Orientation / pixel-spacing jitter.** Real exports (e.g. TCIA MR series) carry
+      ImageOrientationPatient values that differ by ~1e-7 between slices of one series; the loader
+      accepts them (same tolerances as :func:`source_geometry`), but highdicom requires the source
+      images to share one orientation exactly.  Every copy gets the first slice's
+      ImageOrientationPatient and PixelSpacing (the values the loaded volume's grid is built from);
+      positions and UIDs are untouched, so the SEG still references the source instances exactly.
+    * **SOPClassUID only in the file meta** (seen in real exports): copied into the dataset.
+    * **SliceThickness absent, empty or not a number** (Type 2 in the source, but the SEG's pixel
+      measures need it): the slice spacing of the grid.
+    * **Patient/study attributes of the first slice** (the ones highdicom copies into the SEG):
+      empty or misspelled SpecificCharacterSet, PatientSex outside M/F/O, malformed dates and times,
+      absent Type 2 attributes (:func:`medseg.io.dicom_headers.clean_identity`; nothing invented).
+
+    The caller's datasets are not modified.
 
     Args:
         ordered: Headers sorted along the slice normal (from :func:`source_geometry`), already
             checked to be within tolerance.
+        slice_spacing: Spacing of the slices (mm), for a missing SliceThickness.
 
     Returns:
         ``(headers, notes)``: the headers to give highdicom (the originals when nothing differs) and
         a note per normalised attribute.
     """
+    from medseg.io.dicom_headers import clean_identity
+
     first = ordered[0]
     notes: list[str] = []
     out = list(ordered)
+
+    def own(index: int) -> Dataset:  # copy on first change (pydicom's shallow copy shares the element table)
+        if out[index] is ordered[index]:
+            out[index] = copy.deepcopy(ordered[index])
+        return out[index]
+
     for keyword in ("ImageOrientationPatient", "PixelSpacing"):
         reference = [float(v) for v in first[keyword].value]
         deviation = 0.0
-        for index, ds in enumerate(out):
+        for index, ds in enumerate(ordered):
             values = [float(v) for v in ds[keyword].value]
             if values == reference:
                 continue
             deviation = max(deviation, max(abs(a - b) for a, b in zip(values, reference, strict=True)))
-            if ds is ordered[index]:  # (pydicom's shallow copy shares the element table)
-                ds = out[index] = copy.deepcopy(ds)
-            ds[keyword] = copy.deepcopy(first[keyword])
+            own(index)[keyword] = copy.deepcopy(first[keyword])
         if deviation:
             notes.append(f"{keyword} of the source slices differed by up to {deviation:.2g}; normalised")
+    thin = 0
+    for index, ds in enumerate(ordered):
+        if "SOPClassUID" not in ds:
+            own(index).SOPClassUID = _sop_class(ds)
+        try:
+            thickness = float(ds.get("SliceThickness", "") or "nan")
+        except (TypeError, ValueError):
+            thickness = float("nan")
+        if not np.isfinite(thickness) and slice_spacing is not None:
+            own(index).SliceThickness = f"{slice_spacing:.6g}"
+            thin += 1
+    if thin:
+        notes.append(f"SliceThickness absent or invalid in {thin} source slice(s): the slice spacing used")
+    cleaned, identity = clean_identity(out[0])
+    if identity:
+        out[0] = cleaned
+        notes.extend(identity)
     return out, notes
 
 
@@ -395,7 +504,9 @@ def write_dicom_seg(
     """Write a label volume as a DICOM SEG that references its source series.
 
     Within-tolerance orientation / pixel-spacing jitter between source slices (accepted by the
-    loader) is normalised before highdicom sees it (:func:`normalise_source_headers`).
+    loader) and other header noise highdicom refuses are normalised on copies before highdicom
+    sees them (:func:`normalise_source_headers`).  A Siemens mosaic source (one volume) gets frames
+    in its slices' own plane positions (:func:`mosaic_geometry`).
 
     Args:
         label: ``(1, X, Y, Z)`` integer label volume on the source series' grid (as returned by
@@ -424,10 +535,11 @@ def write_dicom_seg(
         The written path.
 
     Raises:
-        InputError: Unreadable source, or source UIDs blanked / inconsistent (names the source file).
+        InputError: Unreadable source, source UIDs blanked / inconsistent, or the mosaics of several
+            volumes (names the source file).
         GeometryError: The label is not on the source grid.
-        ExportError: Label values without a name, non-integer or negative labels, or highdicom
-            refused the object (names the series).
+        ExportError: Label values without a name, non-integer or negative labels, a source SOP class
+            that is not a standard image class, or highdicom refused the object (names the series).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -448,8 +560,15 @@ def write_dicom_seg(
     unique: dict[str, Dataset] = {}
     for ds in datasets:  # copies of one instance (same SOPInstanceUID) are one source image
         unique.setdefault(str(ds.SOPInstanceUID), ds)
-    ordered, grid = source_geometry(list(unique.values()))
-    ordered, _ = normalise_source_headers(ordered)
+    mosaic = _is_mosaic_source(list(unique.values()))
+    if mosaic:
+        ordered, grid = mosaic_geometry(list(unique.values()))
+    else:
+        ordered, grid = source_geometry(list(unique.values()))
+    ordered, _ = normalise_source_headers(ordered, slice_spacing=grid.spacing[2])
+    rows, columns = (grid.shape[1], grid.shape[0])
+    if compression == "auto" and syntax == JPEG2000Lossless and min(rows, columns) < 32:
+        syntax = ExplicitVRLittleEndian  # openjpeg cannot encode frames under 32 pixels; tiny anyway
     try:
         array = _onto_grid(np.asarray(label.array[0]), label.geometry, grid, atol=atol)
     except GeometryError as exc:
@@ -496,7 +615,16 @@ def write_dicom_seg(
         descriptions.append(item)
 
     # Frames in source order: pixel_array[k] is source slice k as (rows, columns).
-    frames = np.ascontiguousarray(lookup[array].transpose(2, 1, 0))
+    frames: Any = np.ascontiguousarray(lookup[array].transpose(2, 1, 0))
+    empty = not frames.any()
+    if mosaic:  # the frames carry their own plane positions: they are not the source's pixel matrix
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ grid.affine  # (column, row, slice) index -> LPS
+        frames = hd.Volume(
+            array=frames,
+            affine=lps[:, [2, 1, 0, 3]],
+            coordinate_system="PATIENT",
+            frame_of_reference_uid=str(ordered[0].FrameOfReferenceUID),
+        )
     seg_type = hd.seg.SegmentationTypeValues[segmentation_type.upper()]
     try:
         with warnings.catch_warnings():
@@ -518,10 +646,17 @@ def write_dicom_seg(
                 series_description=series_description,
                 content_label="SEGMENTATION",
                 content_description=series_description[:64],
-                omit_empty_frames=bool(frames.any()),
+                omit_empty_frames=not empty,
                 transfer_syntax_uid=syntax,
             )
-    except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as exc:
+    except KeyError as exc:
+        if exc.args and str(exc.args[0]) == _sop_class(ordered[0]):
+            raise fail(
+                f"the source's SOP class {_sop_class(ordered[0])} is not a standard image storage class, so a SEG"
+                " cannot be derived from it (highdicom knows no IOD for it)"
+            ) from exc
+        raise fail(f"highdicom refused the segmentation ({exc})") from exc
+    except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
         raise fail(f"highdicom refused the segmentation ({exc})") from exc
     if deflate:
         from pydicom.uid import DeflatedExplicitVRLittleEndian

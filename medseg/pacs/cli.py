@@ -19,7 +19,7 @@ from typing import Any
 
 from medseg.batch.cli import add_engine_arguments, engine_options, parse_outputs
 from medseg.errors import run_reporting_errors
-from medseg.infer.cli import add_model_selection_arguments
+from medseg.infer.cli import add_inference_arguments, add_model_selection_arguments
 
 __all__ = ["add_listen_parser", "add_pacs_parser", "main"]
 
@@ -128,6 +128,7 @@ def _print_run(summary: dict[str, Any]) -> None:
 
 
 def _run_options(args: argparse.Namespace, *, store: bool) -> Any:
+    from medseg.infer.cli import infer_overrides
     from medseg.pacs.run import PacsRunOptions
 
     return PacsRunOptions(
@@ -144,6 +145,8 @@ def _run_options(args: argparse.Namespace, *, store: bool) -> Any:
         protocol=args.protocol,
         allow_everything=getattr(args, "all", False),
         quiet_s=getattr(args, "quiet_s", None),
+        infer=infer_overrides(args, device=False),
+        compat_check=not args.no_compat_check,
         **(engine_options(args) if hasattr(args, "engine") else {}),
     )
 
@@ -202,15 +205,20 @@ def _add_segment_options(p: argparse.ArgumentParser, *, default_outputs: tuple[s
     )
     p.add_argument("--rules", default=None, help="series-selection rules YAML (overrides the filters file's rules)")
     p.add_argument("--seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
-    p.add_argument("--device", default=None, help="inference device (default: the model config's)")
     p.add_argument(
         "--workers",
         type=int,
         default=None,
         help="batch loader threads (default 1); with --engine ray: predictor actors (default: one per GPU or node)",
     )
+    p.add_argument(
+        "--no-compat-check",
+        action="store_true",
+        help="segment selected series even when they do not fit the model (modality, channels, CT intensities)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_inference_arguments(p, device_help="auto (default: the model config's), cpu, cuda, cuda:N")
 
 
 def add_pacs_parser(subparsers: Any) -> None:

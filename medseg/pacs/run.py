@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +91,9 @@ class PacsRunOptions:
         address: Ray cluster address (``engine="ray"``).
         gpus_per_worker: GPUs per Ray predictor actor.
         cpus_per_reader: CPUs per Ray read/write task.
+        infer: Overrides of the model's ``config.infer`` (the inference options of ``medseg batch``).
+        compat_check: Skip series that do not fit the model (modality, channels, CT intensities), as
+            ``medseg batch`` does; ``False`` = ``--no-compat-check``.
     """
 
     outputs: tuple[str, ...] = ("seg", "json")
@@ -110,6 +113,8 @@ class PacsRunOptions:
     address: str | None = None
     gpus_per_worker: float | None = None
     cpus_per_reader: float = 1.0
+    infer: Mapping[str, Any] = field(default_factory=dict)
+    compat_check: bool = True
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible settings."""
@@ -406,6 +411,8 @@ def _batch_options(options: PacsRunOptions, rules_path: Path | None, *, progress
         seg_type=options.seg_type,
         progress=progress,
         device=options.device,
+        infer=dict(options.infer),
+        compat_check=options.compat_check,
         folds=options.folds,
         checkpoint=options.checkpoint,
         engine=options.engine,
