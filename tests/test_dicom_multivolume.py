@@ -92,6 +92,9 @@ def test_convert_fmri_writes_a_4d_nifti_with_dcm2niix_sidecar_fields(shared_data
         assert out.relative_to(tmp_path / folder).parts[:-1] == ("crlab", out.parent.name)  # patient/study/
         image = nib.load(str(out))
         assert image.shape[3] == 6 and image.header.get_xyzt_units() == ("mm", "sec")
+        # the volume interval (pixdim[4]) is the repetition time in seconds, as dcm2niix writes it
+        reference = nib.load(str(root / "Ref" / f"{ref}.nii"))
+        assert image.header.get_zooms()[3] == pytest.approx(reference.header.get_zooms()[3], abs=1e-6)
         sidecar = json.loads(Path(record["sidecar"]).read_text())
         theirs = json.loads((root / "Ref" / f"{ref}.json").read_text())
         for key in (

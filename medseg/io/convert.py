@@ -241,7 +241,8 @@ def _convert_one(item: ConvertItem, out: Path, *, overwrite: bool, tilt: TiltPol
                 from medseg.io.diffusion import write_bval_bvec
 
                 written += write_bval_bvec(volume, out / item.name, overwrite=overwrite)
-            write_volume(compact, target, overwrite=overwrite)
+            tr = info.get("RepetitionTime") if volume.meta.get("num_volumes") else None
+            write_volume(compact, target, overwrite=overwrite, time_step_s=tr if isinstance(tr, (int, float)) else None)
             written.append(target)
             write_json_atomic(sidecar, info, overwrite=overwrite)
         except BaseException:

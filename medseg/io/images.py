@@ -561,6 +561,7 @@ def write_volume(
     *,
     overwrite: bool = False,
     label_names: dict[int, str] | None = None,
+    time_step_s: float | None = None,
 ) -> Path:
     """Write a volume to NIfTI (``.nii``/``.nii.gz``), NRRD or MHA with its exact grid.
 
@@ -574,6 +575,8 @@ def write_volume(
         path: Output file; the format follows the suffix.
         overwrite: Replace an existing file (and sidecar).
         label_names: ``{label value: name}`` for label volumes.
+        time_step_s: Interval between the volumes of a multi-volume series (the repetition time of fMRI,
+            in seconds), stored as a 4D NIfTI's ``pixdim[4]`` as dcm2niix does (ignored otherwise).
 
     Returns:
         The written path.
@@ -595,7 +598,7 @@ def write_volume(
     targets = [path] if label_names is None else [path, _sidecar_path(path)]
     with atomic_paths(targets, overwrite=overwrite) as tmps:
         if suffix in NIFTI_SUFFIXES:
-            _write_nifti(array, volume.geometry, tmps[0])
+            _write_nifti(array, volume.geometry, tmps[0], time_step_s=time_step_s)
         elif suffix in ITK_SUFFIXES:
             _write_itk(array, volume.geometry, tmps[0], label_names=label_names if suffix.endswith("nrrd") else None)
         else:
@@ -606,11 +609,13 @@ def write_volume(
     return path
 
 
-def _write_nifti(array: np.ndarray, geometry: Geometry, path: Path) -> None:
+def _write_nifti(array: np.ndarray, geometry: Geometry, path: Path, *, time_step_s: float | None = None) -> None:
     data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
     header = nib.Nifti1Header()
     header.set_data_dtype(data.dtype)
     img = nib.Nifti1Image(data, geometry.affine, header=header)
+    if data.ndim == 4 and time_step_s is not None and np.isfinite(time_step_s) and time_step_s > 0:
+        img.header.set_zooms((*img.header.get_zooms()[:3], float(time_step_s)))
     # Both forms carry the grid: readers that prefer qform (some ITK builds) and
     # readers that prefer sform (nibabel, FSL) see the same geometry.
     img.set_sform(geometry.affine, code=1)
