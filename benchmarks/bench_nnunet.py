@@ -282,10 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", default="0", help="folds to train and ensemble (default 0)")
     parser.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     parser.add_argument("--inputs", default=None, help="comma-separated subset of ct512,example_ct")
+    parser.add_argument("--only-model", action="store_true", help="train (step 1) and prepare inputs (step 2), then stop")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    mirrors = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
     folds = [int(f) for f in args.folds.split(",")]
+    if args.only_model:
+        print(ensure_model(args.workdir, folds), ensure_inputs(args.workdir))
+        return 0
+    mirrors = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
     rows = bench(args.workdir, folds, mirrors, args.inputs.split(",") if args.inputs else None)
     info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
     print(json.dumps(info, indent=2))
