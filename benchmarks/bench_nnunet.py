@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", default="0", help="folds to train and ensemble (default 0)")
     parser.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     parser.add_argument("--inputs", default=None, help="comma-separated subset of ct512,example_ct")
-    parser.add_argument("--only-model", action="store_true", help="train (step 1) and prepare inputs (step 2), then stop")
+    parser.add_argument("--only-model", action="store_true", help="train (1.) and prepare the inputs (2.), then stop")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     folds = [int(f) for f in args.folds.split(",")]
