@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import medseg
-from medseg.errors import ModelError
+from medseg.errors import ModelError, OutputExistsError
 from medseg.io.images import atomic_path
 from medseg.io.paths import check_output_file, refuse_input_overlap
 from medseg.models.adapters import ModelAdapter, open_model
@@ -221,6 +221,8 @@ def export_model(
     source = model.path if isinstance(model, ModelAdapter) else Path(model)
     refuse_input_overlap([out_path], [source], what="output file")
     check_output_file(out_path)
+    if out_path.exists() and not overwrite:
+        raise OutputExistsError(out_path)  # before the (possibly long) export; atomic_path checks again
     adapter = open_model(model, folds=folds, checkpoint=checkpoint)  # type: ignore[arg-type]
     module, networks = _graph_module(adapter)
     exporter = {"medseg": medseg.__version__, "torch": torch.__version__.split("+")[0]}
