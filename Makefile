@@ -24,6 +24,8 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]" $(TORCH_SPEC)
 	@# Ray for the `medseg batch --engine ray` cluster tests (they skip when it is missing)
 	$(BIN)/pip install --quiet -e ".[ray]" $(TORCH_SPEC) || echo "ray not installable: the Ray cluster tests will skip" >&2
+	@# ONNX + ONNX Runtime for `medseg export --format onnx` (tests/test_export.py skips without them)
+	$(BIN)/pip install --quiet -e ".[onnx]" $(TORCH_SPEC) || echo "onnx/onnxruntime not installable: the export tests will skip" >&2
 
 demo: install
 	$(BIN)/medseg demo --out demo_output --overwrite

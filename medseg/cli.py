@@ -57,6 +57,7 @@ def _register_stage_commands(sub: Any) -> None:
     from medseg.evaluate.cli import add_evaluate_parser
     from medseg.infer.cli import add_predict_parser
     from medseg.io.cli import add_info_parser
+    from medseg.models.cli import add_export_parser
     from medseg.pacs.cli import add_listen_parser, add_pacs_parser
     from medseg.train.cli import add_plan_parser, add_train_parser
 
@@ -65,6 +66,7 @@ def _register_stage_commands(sub: Any) -> None:
     add_plan_parser(sub)
     add_train_parser(sub)
     add_predict_parser(sub)
+    add_export_parser(sub)
     add_evaluate_parser(sub)
     add_batch_parser(sub)
     add_pacs_parser(sub)

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+NNUNET_FIXTURES = Path(__file__).with_name("nnunet_fixtures.py")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,3 +62,33 @@ def tiny_model(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     )
     out = tmp_path_factory.mktemp("model") / "model"
     return train(sample_root / "Dataset001_CTPhantom", config=config, out_dir=out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def nnunet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the nnU-Net folders and references once (subprocess; nnU-Net paths only in its environment).
+
+    Shared by tests/test_nnunet.py and tests/test_export.py (about a minute on 2 cores).
+    """
+    pytest.importorskip("nnunetv2", reason="nnunetv2 (test extra) builds the reference folders")
+    pytest.importorskip("dynamic_network_architectures")
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    done = subprocess.run(
+        [sys.executable, str(NNUNET_FIXTURES), str(root)], env=env, capture_output=True, text=True, timeout=1800
+    )
+    if done.returncode != 0:
+        pytest.fail(f"building nnU-Net fixtures failed:\n{done.stderr[-4000:]}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def models(nnunet_root: Path) -> dict:
+    return json.loads((nnunet_root / "models.json").read_text())

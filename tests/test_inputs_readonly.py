@@ -1,6 +1,6 @@
 """Inputs are read-only under every flag: outputs that are, contain or lie inside an input are refused.
 
-Every command that writes (predict, convert, evaluate, batch, pacs, plan, train, demo, and the
+Every command that writes (predict, export, convert, evaluate, batch, pacs, plan, train, demo, and the
 ``write_volume`` API) is run against its own inputs; each run must exit 2 with a one-line
 message naming the conflict, and leave every input byte-identical with no new file beside it.
 """
@@ -336,3 +336,13 @@ def test_predict_api_refuses_before_writing_provenance(tiny_model: Path, dataset
         predict_to_folder(predictor, [dataset / "imagesTs"], tiny_model / "preds", progress=False)
     assert _snapshot(images) == before and not (images / "prediction.yaml").exists()
     assert not (tiny_model / "preds").exists()
+
+
+def test_export_into_its_model_is_refused(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _snapshot(tiny_model)
+    for argv in (
+        ["export", str(tiny_model), "--out", str(tiny_model / "model.onnx"), "--overwrite"],
+        ["export", str(tiny_model), "--out", str(tiny_model / "weights.pt"), "--overwrite"],
+    ):
+        _refused(capsys, argv, "lies inside the input folder")
+    assert _snapshot(tiny_model) == before

@@ -15,10 +15,7 @@ identical in practice).  The stock predictor (float16 buffers) is compared end t
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +34,6 @@ from medseg.models.adapters import NnUNetRecipe, open_model
 pytest.importorskip("nnunetv2", reason="nnunetv2 (test extra) builds the reference folders")
 pytest.importorskip("dynamic_network_architectures")
 
-FIXTURES = Path(__file__).with_name("nnunet_fixtures.py")
 
 #: Max |logit difference| on the cropped input grid (logits reach ~100 in magnitude).
 LOGIT_ATOL = 1e-3
@@ -52,31 +48,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def nnunet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Build the nnU-Net folders and references once (subprocess; nnU-Net paths only in its environment)."""
-    root = tmp_path_factory.mktemp("nnunet")
-    env = {
-        **os.environ,
-        "nnUNet_raw": str(root / "raw"),
-        "nnUNet_preprocessed": str(root / "preprocessed"),
-        "nnUNet_results": str(root / "results"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONWARNINGS": "ignore",
-    }
-    done = subprocess.run(
-        [sys.executable, str(FIXTURES), str(root)], env=env, capture_output=True, text=True, timeout=1800
-    )
-    if done.returncode != 0:
-        pytest.fail(f"building nnU-Net fixtures failed:\n{done.stderr[-4000:]}")
-    return root
-
-
-@pytest.fixture(scope="session")
-def models(nnunet_root: Path) -> dict:
-    return json.loads((nnunet_root / "models.json").read_text())
 
 
 def _scenario(nnunet_root: Path, models: dict, name: str) -> tuple[Path, Path, list[Path]]:

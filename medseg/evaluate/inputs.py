@@ -317,7 +317,7 @@ def load_label_names(path: PathLike) -> tuple[dict[int, str], dict[str, list[int
     """Class names (and any region definitions) from a model, dataset or file.
 
     Args:
-        path: A model (medseg model directory, nnU-Net results folder: see
+        path: A model (medseg model directory, nnU-Net results folder, exported ONNX/TorchScript file: see
             :func:`medseg.models.adapters.open_model`), a ``plan.yaml``, a dataset folder containing
             ``dataset.json``, or a ``dataset.json``.
 
@@ -328,15 +328,15 @@ def load_label_names(path: PathLike) -> tuple[dict[int, str], dict[str, list[int
         ConfigError: Missing or unreadable file, or labels that cannot be interpreted.
     """
     p = Path(path)
-    if p.is_dir():
-        from medseg.models.adapters import ADAPTERS, open_model
+    from medseg.models.adapters import ADAPTERS, open_model
 
-        if any(adapter.recognises(p) for adapter in ADAPTERS):  # a model: its label names, via the model seam
-            try:
-                names = open_model(p).label_names
-            except MedsegError as exc:
-                raise ConfigError(f"cannot read label names: {exc}") from exc
-            return {int(k): str(v) for k, v in names.items() if int(k) != 0}, {}
+    if any(adapter.recognises(p) for adapter in ADAPTERS):  # a model (folder or exported file), via the model seam
+        try:
+            names = open_model(p).label_names
+        except MedsegError as exc:
+            raise ConfigError(f"cannot read label names: {exc}") from exc
+        return {int(k): str(v) for k, v in names.items() if int(k) != 0}, {}
+    if p.is_dir():
         if (p / "dataset.json").is_file():
             p = p / "dataset.json"
         else:

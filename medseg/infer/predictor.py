@@ -151,6 +151,12 @@ class Predictor:
             self.dtype = resolve_precision(self.infer.precision, self.device)
         except ValueError as exc:
             raise ConfigError(f"infer settings: {exc}") from exc
+        fixed = [(a, reason) for a in self.adapters if (reason := a.float32_only)]
+        if fixed and self.dtype is not None:
+            if self.infer.precision != "auto":
+                adapter, reason = fixed[0]
+                raise ConfigError(f"{adapter.path}: {reason}; use --precision fp32 or auto")
+            self.dtype = None  # auto: what the model can run
         if self.infer.threads:
             torch.set_num_threads(self.infer.threads)
         self.progress = progress

@@ -55,12 +55,11 @@ def gather_info(
     from medseg.io.dicom_seg import is_dicom_seg
 
     p = require_input(path)
-    if p.is_dir():
-        from medseg.models.adapters import ADAPTERS, open_model  # a model folder: the model seam describes it
+    from medseg.models.adapters import ADAPTERS, open_model  # a model (folder or exported file): the model seam
 
-        if any(adapter.recognises(p) for adapter in ADAPTERS):
-            model = open_model(p).describe()
-            return {"path": str(p), "kind": "model", "series": [], "skipped": {}, "volume": None, "model": model}
+    if any(adapter.recognises(p) for adapter in ADAPTERS):
+        model = open_model(p).describe()
+        return {"path": str(p), "kind": "model", "series": [], "skipped": {}, "volume": None, "model": model}
     if p.is_file() and split_suffix(p)[1] in VOLUME_SUFFIXES:
         volume = read_image_file(p)
         return {"path": str(p), "kind": "file", "series": [], "skipped": {}, "volume": describe_volume(volume)}

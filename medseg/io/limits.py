@@ -51,12 +51,14 @@ class ReadLimits:
         max_yaml_nodes: Nodes of a YAML document after expanding aliases (a "billion laughs" document has
             few bytes and billions of nodes).
         max_yaml_depth: Nesting depth of a YAML document.
+        max_model_bytes: Size of an exported model file (ONNX / TorchScript), read whole into memory.
     """
 
     max_volume_bytes: int = 16 * 1024**3
     max_yaml_bytes: int = 8 * 1024**2
     max_yaml_nodes: int = 1_000_000
     max_yaml_depth: int = 64
+    max_model_bytes: int = 4 * 1024**3
 
 
 _LIMITS = ReadLimits()

@@ -27,7 +27,7 @@ from medseg.io.limits import format_bytes, get_read_limits
 from medseg.io.paths import require_readable_file
 from medseg.types import PathLike
 
-__all__ = ["load_json_file", "load_yaml_file", "load_yaml_text"]
+__all__ = ["load_json_file", "load_json_text", "load_yaml_file", "load_yaml_text"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -139,6 +139,33 @@ def _read_text(p: Path, what: str) -> str:
     if "\x00" in text:
         raise ConfigError(f"{p}: not a text file (contains NUL bytes); expected a {what}")
     return text
+
+
+def load_json_text(text: str | bytes, *, source: str = "<json>", what: str = "JSON document") -> Any:
+    """Parse JSON text with the YAML limits (:attr:`~medseg.io.limits.ReadLimits.max_yaml_bytes`, UTF-8, depth).
+
+    For JSON that comes from inside another file (e.g. the metadata of an exported model).
+
+    Raises:
+        ConfigError: Too large, not UTF-8 text, nested too deeply or invalid JSON; names ``source``.
+    """
+    import json
+
+    limits = get_read_limits()
+    if len(text) > limits.max_yaml_bytes:
+        raise ConfigError(
+            f"{source}: {what} of {format_bytes(len(text))} exceeds the {format_bytes(limits.max_yaml_bytes)} limit"
+        )
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: {what} is not UTF-8 text (invalid byte at {exc.start})") from None
+    _check_flow_depth(text, limits.max_yaml_depth, source)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{source}: invalid JSON in the {what} ({' '.join(str(exc).split())})") from None
 
 
 def load_json_file(path: PathLike, *, what: str = "JSON file") -> Any:

@@ -5,10 +5,12 @@ Formats (each a :class:`ModelAdapter` subclass in :data:`ADAPTERS`, tried in ord
 * :class:`~medseg.models.adapters.medseg_dir.MedsegModelDir` - a ``medseg train`` model directory;
 * :class:`~medseg.models.adapters.nnunet.NnUNetFolder` - an nnU-Net v2 results folder
   ``DatasetXXX_Name/Trainer__Plans__Configuration/`` (``dataset.json``, ``plans.json``,
-  ``fold_*/checkpoint_{final,best}.pth``).
+  ``fold_*/checkpoint_{final,best}.pth``);
+* :class:`~medseg.models.adapters.exported.ExportedModel` - a ``.onnx`` / ``.pt`` / ``.ts`` file written by
+  ``medseg export`` (:mod:`medseg.models.export`).
 
-A new format (e.g. an exported ONNX/TorchScript file) is a new subclass appended to :data:`ADAPTERS`;
-nothing outside :mod:`medseg.models` asks which format a model is.
+A new format is a new subclass appended to :data:`ADAPTERS`; nothing outside :mod:`medseg.models` asks
+which format a model is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from medseg.models.adapters.base import (
     PlanRecipe,
     WindowSettings,
 )
+from medseg.models.adapters.exported import ExportedModel
 from medseg.models.adapters.medseg_dir import MedsegModelDir
 from medseg.models.adapters.nnunet import NnUNetFolder, NnUNetRecipe
 from medseg.types import PathLike
@@ -32,6 +35,7 @@ from medseg.types import PathLike
 __all__ = [
     "ADAPTERS",
     "Checkpoint",
+    "ExportedModel",
     "InputChannel",
     "ModelAdapter",
     "NnUNetRecipe",
@@ -43,7 +47,7 @@ __all__ = [
 ]
 
 #: Model formats, in the order they are tried.
-ADAPTERS: list[type[ModelAdapter]] = [MedsegModelDir, NnUNetFolder]
+ADAPTERS: list[type[ModelAdapter]] = [MedsegModelDir, NnUNetFolder, ExportedModel]
 
 
 def parse_folds(text: str | Sequence[str | int] | None) -> tuple[str, ...] | None:
@@ -71,7 +75,8 @@ def open_model(
     """Open any model medseg can run.
 
     Args:
-        path: A medseg model directory or an nnU-Net v2 results folder (an adapter is returned as is).
+        path: A medseg model directory, an nnU-Net v2 results folder or a ``medseg export`` file (an adapter
+            is returned as is).
         folds: nnU-Net folds to ensemble (``"0,1"``, ``"all"`` = the ``fold_all`` model); default: every
             numbered fold with the checkpoint (``fold_all`` when there is none).
         checkpoint: nnU-Net ``final`` (``checkpoint_final.pth``) or ``best`` (``checkpoint_best.pth``).
@@ -96,6 +101,7 @@ def open_model(
     if p.is_dir() and any((p / name).exists() for name in ("config.yaml", "weights.pt")):
         return MedsegModelDir(p)  # names the missing files
     raise ModelError(
-        f"{p}: not a model (expected a medseg model directory with plan.yaml, or an nnU-Net v2 results folder "
-        "Trainer__Plans__Configuration/ with dataset.json, plans.json and fold_*/checkpoint_final.pth)"
+        f"{p}: not a model (expected a medseg model directory with plan.yaml, an nnU-Net v2 results folder "
+        "Trainer__Plans__Configuration/ with dataset.json, plans.json and fold_*/checkpoint_final.pth, or a "
+        ".onnx/.pt file written by medseg export)"
     )

@@ -1,7 +1,7 @@
 """The model seam: what every runnable model supplies, whatever made it.
 
 A *model* is anything :func:`medseg.models.adapters.open_model` recognises: a medseg model directory,
-an nnU-Net v2 results folder (and, later, an exported network file).  Callers (the predictor,
+an nnU-Net v2 results folder, or a file written by ``medseg export`` (ONNX / TorchScript).  Callers (the predictor,
 ``medseg predict``, batch, PACS, ``evaluate --labels``, ``info``) hold a :class:`ModelAdapter` and use
 only what it declares:
 
@@ -13,12 +13,14 @@ only what it declares:
 * :attr:`ModelAdapter.output` - how logits become labels (softmax argmax or sigmoid regions with a
   class order) and the label names;
 * :meth:`ModelAdapter.load_networks` - the network(s) (one per fold), on the CPU in eval mode;
-* :attr:`ModelAdapter.infer_defaults`, :meth:`ModelAdapter.fingerprint`, :meth:`ModelAdapter.describe`.
+* :attr:`ModelAdapter.infer_defaults`, :meth:`ModelAdapter.fingerprint`, :meth:`ModelAdapter.describe`;
+* :attr:`ModelAdapter.float32_only` - why the networks cannot run in reduced precision (``None``: they can).
 
 Everything but the networks is cheap (JSON/YAML only, no torch import), so ``medseg info MODEL`` and
 ``evaluate --labels MODEL`` never load weights.  The infer stage executes a recipe through the pipeline
-registered for its type (:mod:`medseg.infer.pipelines`); an exported file becomes a third adapter by
-returning one of the existing recipes read from its metadata and its own network(s).
+registered for its type (``medseg.infer.predictor.PIPELINES``); an exported file is the third adapter
+(:mod:`medseg.models.adapters.exported`): it returns one of the existing recipes read from its metadata and
+its own network.
 """
 
 from __future__ import annotations
@@ -195,6 +197,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """Provenance for ``prediction.yaml`` and ``medseg info`` (JSON-serialisable)."""
+
+    @property
+    def float32_only(self) -> str | None:
+        """Why the networks run in float32 only (the predictor then ignores ``precision: auto``); ``None``: any."""
+        return None
 
     # ------------------------------------------------------------------ shared behaviour
     @property
