@@ -11,11 +11,14 @@ Steps (each cached in ``--workdir``):
 3. For each input and mirroring off/on: nnU-Net (``predict_from_files``, step 0.5, same folds,
    CPU, its worker processes) and ``medseg predict`` (default precision: bf16 channels-last where the CPU
    has it), each in a fresh subprocess: wall time, peak RSS of the process tree (``ru_maxrss`` of waited
-   children), medseg's per-stage times (``prediction.yaml``), per-class Dice between the two outputs.
+   children), medseg's per-stage times and windows run / skipped as air (``prediction.yaml``), per-class Dice
+   between the two outputs.
 
 Usage (take the shared lock; the model step trains for a few minutes)::
 
     flock /tmp/medseg-bench.lock .venv/bin/python benchmarks/bench_nnunet.py --workdir /tmp/medseg-bench-nnunet
+
+``--only-model`` stops after steps 1 and 2 (train ahead of a quiet-machine run).
 
 Prints JSON and a Markdown table for ``docs/benchmarks.md``.
 """
@@ -252,10 +255,20 @@ def bench(workdir: Path, folds: list[int], mirrors: list[bool], only: list[str] 
                     "medseg_peak_rss_gib": round(rss_m, 2),
                     "medseg_stages_s": {
                         k: record[k]
-                        for k in ("read_s", "preprocess_s", "network_s", "resample_s", "postprocess_s", "write_s")
+                        for k in (
+                            "read_s",
+                            "preprocess_s",
+                            "network_s",
+                            "forward_s",
+                            "resample_s",
+                            "postprocess_s",
+                            "write_s",
+                            "seconds",
+                        )
                         if k in record
                     },
                     "windows": record.get("windows"),
+                    "windows_skipped": record.get("windows_skipped"),
                     "dice_min": round(min(dice.values()), 5) if dice else None,
                     "dice_per_class": {k: round(v, 5) for k, v in dice.items()},
                     "voxels_equal": round(float(np.mean(a == b)), 6),
@@ -282,10 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", default="0", help="folds to train and ensemble (default 0)")
     parser.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     parser.add_argument("--inputs", default=None, help="comma-separated subset of ct512,example_ct")
+    parser.add_argument("--only-model", action="store_true", help="train (1.) and prepare the inputs (2.), then stop")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    mirrors = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
     folds = [int(f) for f in args.folds.split(",")]
+    if args.only_model:
+        print(ensure_model(args.workdir, folds), ensure_inputs(args.workdir))
+        return 0
+    mirrors = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
     rows = bench(args.workdir, folds, mirrors, args.inputs.split(",") if args.inputs else None)
     info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows}
     print(json.dumps(info, indent=2))

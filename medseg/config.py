@@ -199,7 +199,8 @@ class InferConfig(_Strict):
     body_crop: Literal["windows", "box", "none"] = Field(
         default="windows",
         description="body = CT > -500 HU / other channels non-zero; windows: skip windows outside its box "
-        "(same result inside); box: crop to the box and re-tile it (fewer windows); none: every window",
+        "(same result inside); box: crop to the box and re-tile it (fewer windows); none: every window. "
+        "nnU-Net folders: windows and box skip the windows of nnU-Net's tiling that see only air",
     )
     logits_dtype: Literal["float16", "float32"] = Field(
         default="float16", description="network-grid logits kept for resampling (blending is float32 per slab)"

@@ -223,3 +223,66 @@ def test_window_predictor_validates_its_options(net: nn.Module) -> None:
         WindowPredictor(net, batch_size=0)
     with pytest.raises(ValueError, match="overlap"):
         window_starts((32, 32, 32), ROI, overlap=1.0)
+
+
+@pytest.mark.parametrize("tiling", ["nnunet", "monai"])
+@pytest.mark.parametrize("axis", [0, 2])
+def test_skipped_windows_leave_the_others_exact(net: nn.Module, tiling: str, axis: int) -> None:
+    """Windows ``run_window`` rejects are not run; voxels only run windows cover keep the full blend bit for bit."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 70, 23, 30)
+    empty = torch.tensor([5.0, -1.0, -2.0])
+    wp = WindowPredictor(net, batch_size=2)
+    seen: list[tuple[slice, slice, slice]] = []
+
+    def runs(region: tuple[slice, slice, slice]) -> bool:
+        return not (20 <= region[0].start < 45)  # a gap deeper than a window along axis 0
+
+    def skip_middle(region: tuple[slice, slice, slice]) -> bool:
+        seen.append(region)
+        return runs(region)
+
+    def collect(**options: object) -> torch.Tensor:
+        slabs = [
+            (s.start, s.stop, s.logits.clone())
+            for s in iter_logit_slabs(
+                x, wp, roi_size=ROI, overlap=0.5, sw_batch_size=2, stream_axis=axis, tiling=tiling, **options
+            )
+        ]
+        assert [s[0] for s in slabs] == [0] + [s[1] for s in slabs[:-1]] and slabs[-1][1] == x.shape[axis + 1]
+        return torch.cat([s[2] for s in slabs], dim=axis + 1)
+
+    with torch.inference_mode():
+        full = collect()
+        calls = wp.calls
+        part = collect(run_window=skip_middle, empty_logits=empty)
+    run = [r for r in seen if runs(r)]
+    assert 0 < wp.calls - calls == len(run) < len(seen)  # the rejected windows never ran
+    run_cover = torch.zeros(x.shape[1:], dtype=torch.bool)
+    skip_cover = torch.zeros(x.shape[1:], dtype=torch.bool)
+    for region in seen:
+        (run_cover if runs(region) else skip_cover)[region] = True
+    only_run = run_cover & ~skip_cover
+    assert only_run.any() and (~run_cover).any()
+    assert torch.equal(part[:, only_run], full[:, only_run])
+    assert torch.equal(part[:, ~run_cover], empty[:, None].expand(3, int((~run_cover).sum())))
+    assert torch.isfinite(part).all()
+
+
+def test_no_window_run_still_covers_the_image(net: nn.Module) -> None:
+    x = torch.randn(2, 40, 20, 9)
+    empty = torch.tensor([0.0, -30.0, -30.0])
+    wp = WindowPredictor(net)
+    with torch.inference_mode():
+        slabs = [
+            (s.start, s.stop, s.logits.clone())
+            for s in iter_logit_slabs(
+                x, wp, roi_size=ROI, tiling="nnunet", run_window=lambda r: False, empty_logits=empty
+            )
+        ]
+    assert wp.calls == 0
+    assert slabs[0][0] == 0 and slabs[-1][1] == 40
+    logits = torch.cat([s[2] for s in slabs], dim=1)
+    assert logits.shape == (3, 40, 20, 9) and torch.equal(logits, empty[:, None, None, None].expand_as(logits))
+    with pytest.raises(ValueError, match="empty_logits"):
+        next(iter(iter_logit_slabs(x, wp, roi_size=ROI, run_window=lambda r: True)))

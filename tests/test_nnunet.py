@@ -26,8 +26,9 @@ import torch
 
 from medseg.config import InferConfig
 from medseg.errors import MedsegError, ModelError
+from medseg.infer.crop import CT_BODY_HU
 from medseg.infer.predictor import Predictor
-from medseg.io import load_volume
+from medseg.io import Geometry, Volume, load_volume
 from medseg.models.adapters import NnUNetRecipe, open_model
 
 pytest.importorskip("nnunetv2", reason="nnunetv2 (test extra) builds the reference folders")
@@ -104,6 +105,52 @@ def test_logits_and_labels_match_nnunet_predictor(nnunet_root: Path, models: dic
         mine = result.probabilities.array
         assert mine.shape == (probs.shape[0], *labels.shape)
         assert np.abs(mine - np.asarray(mapping.backward(probs))).max() <= 1e-4
+
+
+def _with_air(volume: Volume, pad: tuple[tuple[int, int], ...]) -> Volume:
+    """The volume inside a larger field of view of air (-1024 HU), same spacing and direction."""
+    array = np.pad(volume.array, ((0, 0), *pad), constant_values=-1024)
+    g = volume.geometry
+    origin = np.asarray(g.affine)[:3, :3] @ -np.array([p[0] for p in pad], dtype=float) + np.asarray(g.affine)[:3, 3]
+    affine = np.asarray(g.affine).copy()
+    affine[:3, 3] = origin
+    return Volume(array=array, geometry=Geometry(affine=affine, shape=array.shape[1:]), source=volume.source)
+
+
+@pytest.mark.parametrize("name", ["ct_2folds", "ct_2d_mirror", "aniso", "regions"])
+def test_air_windows_are_skipped_without_changing_body_voxels(nnunet_root: Path, models: dict, name: str) -> None:
+    """Default ``body_crop=windows``: windows that see only air are skipped; logits of body voxels are unchanged."""
+    folder, _, files = _scenario(nnunet_root, models, name)
+    adapter = open_model(folder, folds="0")
+    image = _with_air(load_volume(files[0]), ((30, 4), (0, 50), (16, 0)))
+    body = image.array[0] > CT_BODY_HU
+    assert adapter.infer_defaults.body_crop == "windows"
+    results = {}
+    for mode in ("none", "windows"):
+        settings = InferConfig(precision="fp32", logits_dtype="float32", body_crop=mode)
+        predictor = Predictor(adapter, infer=settings)
+        logits, prepared = predictor.pipeline.logits([image])
+        case = predictor.predict_case([image])
+        results[mode] = (logits, prepared, case.labels.array[0], case.timings)
+    logits_all, prepared, labels_all, timings_all = results["none"]
+    logits_skip, prepared_skip, labels_skip, timings_skip = results["windows"]
+    assert timings_all["windows_skipped"] == 0
+    assert timings_skip["windows_skipped"] > 0
+    assert timings_skip["windows"] + timings_skip["windows_skipped"] == timings_all["windows"]
+    assert prepared_skip.box == prepared.box  # nnU-Net's crop and grid: the same windows where they run
+    recipe = adapter.preprocessing
+    assert isinstance(recipe, NnUNetRecipe)
+    # body voxels on nnU-Net's cropped input grid (the logits' grid): exactly the full tiling's logits
+    mapping = prepared.axes
+    body_t = mapping.forward(body[None])[0].transpose(*recipe.transpose_forward)[prepared.box]
+    assert body_t.shape == logits_all.shape[1:] and body_t.any()
+    assert np.array_equal(logits_skip[:, body_t], logits_all[:, body_t])
+    assert np.isfinite(logits_skip).all()
+    # labels on the input grid: different only in air
+    assert np.array_equal(labels_skip[body], labels_all[body])
+    assert len(np.unique(labels_all[body])) > 1
+    differ = labels_skip != labels_all
+    assert not (differ & body).any()
 
 
 def test_cli_predict_equals_stock_nnunet_end_to_end(nnunet_root: Path, models: dict, tmp_path: Path) -> None:

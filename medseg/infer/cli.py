@@ -74,7 +74,8 @@ def add_inference_arguments(p: argparse.ArgumentParser, *, device_help: str | No
         choices=["windows", "box", "none"],
         default=None,
         help="windows (default): skip windows outside the body box, same result inside; box: crop to the body "
-        "box and re-tile it (fewer windows, slightly different tiling); none: run every window",
+        "box and re-tile it (fewer windows, slightly different tiling); none: run every window. nnU-Net "
+        "folders: windows (and box) skip nnU-Net's windows that see only air, same result on the body",
     )
     g = p.add_argument_group("device")
     g.add_argument("--device", default=None, help=device_help or "auto (default), cpu, cuda, cuda:N")

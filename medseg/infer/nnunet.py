@@ -63,6 +63,12 @@ __all__ = [
 #: nnU-Net's ANISO_THRESHOLD.
 ANISO_THRESHOLD = 3.0
 
+#: Logit of every non-background class (every region) where no window ran: background, decisively.
+EMPTY_LOGIT = -30.0
+
+#: Side of the blocks (cropped input voxels) of the coarse body mask that decides which windows run.
+BODY_BLOCK = 4
+
 
 # ------------------------------------------------------------------------------- axis order
 @dataclass(frozen=True)
@@ -273,6 +279,101 @@ def normalize(data: np.ndarray, recipe: NnUNetRecipe, mask: np.ndarray | None) -
         # NoNormalization: unchanged
 
 
+# ------------------------------------------------------------------------------ air windows
+def body_blocks(cropped: np.ndarray, recipe: NnUNetRecipe, *, block: int = BODY_BLOCK) -> np.ndarray:
+    """Coarse body mask of the cropped raw image: does a ``block``-sided cube hold a body voxel?
+
+    Body, per channel (any channel counts): CT normalisation -> raw value above
+    :data:`medseg.infer.crop.CT_BODY_HU`; z-score with ``use_mask_for_norm`` -> non-zero (nnU-Net's own
+    foreground); otherwise -> above the channel's minimum.
+
+    Args:
+        cropped: ``(C, n0, n1, n2)`` raw intensities (before normalisation), nnU-Net's axis order.
+        recipe: The folder's recipe (one normalisation per channel).
+        block: Block side in voxels.
+
+    Returns:
+        ``(ceil(n0 / block), ceil(n1 / block), ceil(n2 / block))`` bool.
+    """
+    from medseg.infer.crop import CT_BODY_HU
+
+    shape = cropped.shape[1:]
+    nb = [-(-int(n) // block) for n in shape]
+    out = np.zeros(nb, dtype=bool)
+    rules: list[tuple[str, float]] = []
+    for c, norm in enumerate(recipe.normalization):
+        if norm.scheme == "CTNormalization":
+            rules.append((">", CT_BODY_HU))
+        elif norm.use_mask:
+            rules.append(("!=", 0.0))
+        else:
+            rules.append((">", float(cropped[c].min())))
+    pad = (nb[1] * block - shape[1], nb[2] * block - shape[2])
+    for b, i in enumerate(range(0, int(shape[0]), block)):
+        chunk = cropped[:, i : i + block]
+        mask = np.zeros(chunk.shape[2:], dtype=bool)
+        for c, (op, value) in enumerate(rules):
+            hits = chunk[c] > value if op == ">" else chunk[c] != value
+            mask |= hits.any(axis=0)
+        mask = np.pad(mask, ((0, pad[0]), (0, pad[1])))
+        out[b] = mask.reshape(nb[1], block, nb[2], block).any(axis=(1, 3))
+    return out
+
+
+def _reach(function: tuple[str, tuple[tuple[str, Any], ...]]) -> int:
+    """Network voxels around a point that a resampling function reads (linear/nearest: 1; cubic: more)."""
+    name, items = function
+    kwargs = dict(items)
+    if name == "resample_data_or_seg_to_shape" and max(int(kwargs.get("order", 3)), int(kwargs.get("order_z", 0))) > 1:
+        return 8  # cubic splines are global; 8 voxels away their weight is below 1e-4
+    return 1
+
+
+@dataclass
+class BodyWindows:
+    """Which of nnU-Net's windows to run: those near a body voxel (``run_window`` of the slab iterator).
+
+    A window runs when the cropped input region it maps to, grown by what the logits' way back reads
+    (``grow`` network voxels) and by the cubic support of the forward resampling (2 input voxels),
+    holds a body block.  Every input voxel of the body is then covered only by run windows, so its
+    logits are exactly those of the full tiling.
+
+    Attributes:
+        blocks: Coarse body mask (:func:`body_blocks`) of the cropped input.
+        block: Its block side.
+        scale: Cropped input size / network grid size per axis.
+        crop_shape: Cropped input shape.
+        grow: Network voxels added around each window.
+        run: Windows run so far.
+        skipped: Windows skipped so far.
+    """
+
+    blocks: np.ndarray
+    block: int
+    scale: tuple[float, float, float]
+    crop_shape: tuple[int, int, int]
+    grow: int
+    run: int = 0
+    skipped: int = 0
+
+    def __call__(self, region: tuple[slice, slice, slice]) -> bool:
+        """Whether the window over ``region`` (network grid, three slices) holds or feeds a body voxel."""
+        index = []
+        for axis, part in enumerate(region):
+            r, n = self.scale[axis], self.crop_shape[axis]
+            first = (part.start - self.grow + 0.5) * r - 0.5  # centre mapping of the resampling functions
+            last = (part.stop - 1 + self.grow + 0.5) * r - 0.5
+            lo = min(n - 1, max(0, int(np.floor(first)) - 2))
+            hi = min(n - 1, max(0, int(np.ceil(last)) + 2))
+            index.append(slice(lo // self.block, hi // self.block + 1))
+        hit = bool(self.blocks[tuple(index)].any())
+        if hit:
+            self.run += 1
+        else:
+            self.skipped += 1
+        return hit
+
+
 # ---------------------------------------------------------------------------------- pipeline
 @dataclass
 class Prepared:
@@ -284,6 +385,7 @@ class Prepared:
         shape_before_crop: Transposed array shape.
         box: Crop box in the transposed array.
         back: Resampling from the network grid to the cropped shape.
+        body: Which windows to run (``None``: every window).
     """
 
     image: torch.Tensor
@@ -291,6 +393,7 @@ class Prepared:
     shape_before_crop: tuple[int, int, int]
     box: tuple[slice, slice, slice]
     back: ResamplePlan
+    body: BodyWindows | None = None
 
 
 class NnUNetPipeline:
@@ -330,6 +433,7 @@ class NnUNetPipeline:
         shape_before = (int(data.shape[1]), int(data.shape[2]), int(data.shape[3]))
         box = crop_box(data)
         cropped = data[(slice(None), box[0], box[1], box[2])]
+        blocks = body_blocks(cropped, recipe) if self.predictor.infer.body_crop != "none" else None
         mask = _nonzero_mask(cropped) if any(n.use_mask for n in recipe.normalization) else None
         normalize(cropped, recipe, mask)
         del mask
@@ -342,10 +446,27 @@ class NnUNetPipeline:
         del data, cropped, tensor
         net_shape = tuple(int(s) for s in image.shape[1:])
         back = nnunet_resample_plan(recipe.resampling_probabilities, net_shape, crop_shape, target, spacing_t)  # type: ignore[arg-type]
-        return Prepared(image=image, axes=axes, shape_before_crop=shape_before, box=box, back=back)
+        body = None
+        if blocks is not None:
+            body = BodyWindows(
+                blocks=blocks,
+                block=BODY_BLOCK,
+                scale=(crop_shape[0] / net_shape[0], crop_shape[1] / net_shape[1], crop_shape[2] / net_shape[2]),
+                crop_shape=crop_shape,
+                grow=_reach(recipe.resampling_probabilities),
+            )
+        return Prepared(image=image, axes=axes, shape_before_crop=shape_before, box=box, back=back, body=body)
 
     # ------------------------------------------------------------------ windows
-    def _slabs(self, image: torch.Tensor) -> Any:
+    def empty_logits(self) -> torch.Tensor:
+        """``(K,)`` logits where no window ran: background (softmax) or every region off."""
+        k = self.output.num_outputs
+        empty = torch.full((k,), EMPTY_LOGIT)
+        if self.output.kind == "softmax":
+            empty[0] = 0.0
+        return empty
+
+    def _slabs(self, image: torch.Tensor, body: BodyWindows | None = None) -> Any:
         p = self.predictor
         return iter_logit_slabs(
             image,
@@ -359,13 +480,15 @@ class NnUNetPipeline:
             progress=p.progress,
             tiling="nnunet",
             spatial_dims=self.window.spatial_dims,
+            run_window=body,
+            empty_logits=self.empty_logits() if body is not None else None,
         )
 
-    def _store(self, image: torch.Tensor) -> torch.Tensor:
+    def _store(self, image: torch.Tensor, body: BodyWindows | None = None) -> torch.Tensor:
         """Blended logits on the whole network grid (float16 or float32)."""
         store_dtype = torch.float16 if self.predictor.infer.logits_dtype == "float16" else torch.float32
         store = torch.empty((self.output.num_outputs, *image.shape[1:]), dtype=store_dtype)
-        for slab in self._slabs(image):
+        for slab in self._slabs(image, body):
             logits = slab.logits.clamp_(-6e4, 6e4) if store_dtype == torch.float16 else slab.logits
             store.narrow(slab.axis + 1, slab.start, slab.stop - slab.start).copy_(logits)
         return store
@@ -396,7 +519,7 @@ class NnUNetPipeline:
             ``((K, *cropped shape) float32, prepared case)``.
         """
         prepared = self.prepare(channels)
-        store = self._store(prepared.image)
+        store = self._store(prepared.image, prepared.body)
         out = np.empty((store.shape[0], *prepared.back.out_shape), dtype=np.float32)
         if prepared.back.is_identity:
             out[:] = store.float().numpy()
@@ -432,11 +555,11 @@ class NnUNetPipeline:
                 probs_t[(slice(None), region[0], region[1], region[2])] = self._probabilities(logits, probabilities)
 
         if prepared.back.is_identity:  # network grid = cropped input grid: labels straight from the slabs
-            for slab in self._slabs(prepared.image):
+            for slab in self._slabs(prepared.image, prepared.body):
                 put(slab.start, slab.stop, slab.axis, slab.logits)
             t2 = t3 = time.perf_counter()
         else:
-            store = self._store(prepared.image)
+            store = self._store(prepared.image, prepared.body)
             t2 = time.perf_counter()
             for o0, o1, block in resample_chunks(prepared.back, store):
                 put(o0, o1, 0, block)
@@ -453,6 +576,7 @@ class NnUNetPipeline:
             "network_s": round(t2 - t1, 4),
             "forward_s": round(windows.seconds - forward_before, 4),
             "windows": windows.calls - calls_before,
+            "windows_skipped": prepared.body.skipped if prepared.body is not None else 0,
             "resample_s": round(t3 - t2, 4),
         }
         return labels, probs, timings

@@ -214,6 +214,14 @@ def _clip_bounds(source: torch.Tensor, stage: Stage) -> tuple[torch.Tensor, torc
     return moved.amin(dim=2).float(), moved.amax(dim=2).float()
 
 
+def _convex(stage: Stage) -> bool:
+    """Every operator of the stage takes convex combinations (non-negative weights, rows summing to 1)."""
+    return all(
+        bool((op.matrix >= 0).all()) and bool(np.allclose(op.matrix.sum(axis=1), 1.0, atol=1e-6))
+        for op in stage.ops.values()
+    )
+
+
 def resample_chunks(
     plan: ResamplePlan,
     source: torch.Tensor,
@@ -235,7 +243,9 @@ def resample_chunks(
     c = int(source.shape[0])
     out0 = plan.out_shape[0]
     op0 = next((s.ops[0] for s in plan.stages if 0 in s.ops), None)
-    bounds = [_clip_bounds(source, s) for s in plan.stages]
+    # a stage of convex operators (non-negative rows summing to 1: linear, nearest) stays within the
+    # input's range by construction, so its clip would only move values by float rounding: skipped
+    bounds = [None if _convex(s) else _clip_bounds(source, s) for s in plan.stages]
     mats = [{a: torch.from_numpy(op.matrix).to(dtype) for a, op in s.ops.items()} for s in plan.stages]
     plane = max(plan.in_shape[1], plan.out_shape[1]) * max(plan.in_shape[2], plan.out_shape[2])
     scale0 = max(1.0, plan.in_shape[0] / max(1, out0))

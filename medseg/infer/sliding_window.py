@@ -475,6 +475,8 @@ def iter_logit_slabs(
     progress: bool = False,
     tiling: Tiling = "monai",
     spatial_dims: int = 3,
+    run_window: Callable[[tuple[slice, slice, slice]], bool] | None = None,
+    empty_logits: torch.Tensor | None = None,
 ) -> Iterator[LogitSlab]:
     """Blend window predictions over a volume and yield finished slabs in order.
 
@@ -498,6 +500,10 @@ def iter_logit_slabs(
             ``1 - overlap`` (:func:`nnunet_window_starts`) and its Gaussian (:func:`nnunet_gaussian`;
             ``mode="constant"``: weights 1), accumulated in float32 (nnU-Net accumulates in float16).
         spatial_dims: 2: a 2D network on ``(1, y, x)`` windows, one per index of axis 0 (``nnunet`` tiling).
+        run_window: Called with each window's region in the (un-padded) image, three slices; windows it
+            returns ``False`` for are skipped (the placement of the others is unchanged, so every voxel
+            covered by run windows only gets exactly the blend of the full tiling).  Needs ``empty_logits``.
+        empty_logits: ``(K,)`` logits given to voxels that no run window covers (with ``run_window``).
 
     Yields:
         :class:`LogitSlab` s covering the image along ``stream_axis``, in increasing order; each
@@ -527,6 +533,23 @@ def iter_logit_slabs(
     acc = weight = wsum = torch.empty(0)
     lo = 0  # image index of buffer position 0 along the stream axis
     keep = [slice(b, b + n) for b, n in zip(before, orig_size, strict=True)]
+    fill: torch.Tensor | None = None
+    if run_window is not None:
+        if empty_logits is None:
+            raise ValueError("run_window needs empty_logits")
+
+        def unpadded(corner: Sequence[int]) -> tuple[slice, slice, slice]:
+            bounds = zip(corner, roi, before, orig_size, strict=True)
+            parts = [slice(max(0, c - b), min(n, c + r - b)) for c, r, b, n in bounds]
+            return parts[0], parts[1], parts[2]
+
+        starts = [c for c in starts if run_window(unpadded(c))]
+        # buffers now, not at the first window: the slabs cover the image even if no window runs
+        acc, weight, wsum = _allocate(
+            int(empty_logits.numel()), buf_shape, roi, mode, sigma_scale, stitch, importance=importance
+        )
+        stitch = acc.device
+        fill = empty_logits.to(device=stitch, dtype=torch.float32).reshape(-1, 1, 1, 1)
 
     def finish(stop: int) -> Iterator[LogitSlab]:
         """Normalise buffer rows [lo, stop) in place, yield their un-padded part, then shift them out."""
@@ -536,7 +559,12 @@ def iter_logit_slabs(
             region = [slice(None), keep[0], keep[1], keep[2]]
             region[axis + 1] = slice(start_keep - lo, stop_keep - lo)
             view = acc[tuple(region)]
-            view.div_(wsum[tuple(region)])
+            weights = wsum[tuple(region)]
+            view.div_(weights)
+            if fill is not None:  # voxels only skipped windows cover: 0 / 0 -> the empty logits
+                hole = weights == 0
+                if bool(hole.any()):
+                    view.copy_(torch.where(hole, fill, view))
             yield LogitSlab(axis, start_keep - keep[axis].start, stop_keep - keep[axis].start, view)
         _shift_down(acc, axis + 1, stop - lo)
         _shift_down(wsum, axis + 1, stop - lo)
@@ -557,8 +585,8 @@ def iter_logit_slabs(
             stitch = acc.device
         logits = logits.to(stitch)
         for corner, out in zip(batch, logits, strict=True):
-            if corner[axis] > lo:
-                yield from finish(corner[axis])
+            while corner[axis] > lo:  # (several steps only after skipped windows)
+                yield from finish(min(corner[axis], lo + depth))
             region = [slice(c, c + r) for c, r in zip(corner, roi, strict=True)]
             region[axis] = slice(corner[axis] - lo, corner[axis] - lo + depth)
             index = (slice(None), region[0], region[1], region[2])
@@ -568,6 +596,8 @@ def iter_logit_slabs(
     bar.close()
     if acc.numel():
         yield from finish(lo + depth)
+        while lo < size[axis]:  # rows after the last run window (skipped windows)
+            yield from finish(min(lo + depth, size[axis]))
 
 
 def sliding_window_predict(

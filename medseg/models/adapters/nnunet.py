@@ -561,14 +561,18 @@ class NnUNetFolder(ModelAdapter):
 
     @property
     def infer_defaults(self) -> InferConfig:
-        """nnU-Net's predictor defaults: step 0.5, Gaussian, mirroring on allowed axes, every window."""
+        """nnU-Net's predictor defaults: step 0.5, Gaussian, mirroring on allowed axes.
+
+        Windows that see only air are skipped (``body_crop="windows"``, :class:`medseg.infer.nnunet.BodyWindows`):
+        the labels of body voxels are unchanged; ``body_crop="none"`` runs every window as nnU-Net does.
+        """
         from medseg.config import InferConfig
 
         return InferConfig(
             overlap=0.5,
             blend="gaussian",
             mirror_axes=self.window.allowed_mirror_axes,
-            body_crop="none",
+            body_crop="windows",
         )
 
     def _load_networks(self) -> list[nn.Module]:
