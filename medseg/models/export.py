@@ -216,10 +216,10 @@ def export_model(
     t0 = time.perf_counter()
     out_path = Path(out)
     form = _resolve_format(out_path, fmt)
+    source = model.path if isinstance(model, ModelAdapter) else Path(model)
+    refuse_input_overlap([out_path], [source], what="output file")  # first: whatever is installed
     if form == "onnx":
         require_onnx("medseg export --format onnx")
-    source = model.path if isinstance(model, ModelAdapter) else Path(model)
-    refuse_input_overlap([out_path], [source], what="output file")
     check_output_file(out_path)
     if out_path.exists() and not overwrite:
         raise OutputExistsError(out_path)  # before the (possibly long) export; atomic_path checks again
