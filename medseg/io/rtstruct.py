@@ -56,7 +56,7 @@ from scipy import ndimage
 
 from medseg.errors import GeometryError, InputError
 from medseg.io.dicom import discover_series, is_dicom_file, read_dataset, read_dicom_series
-from medseg.io.dicom_headers import clean_identity
+from medseg.io.dicom_headers import TYPE2_IDENTITY, clean_identity
 from medseg.io.images import atomic_path
 from medseg.io.polygons import (
     OverlapPolicy,
@@ -136,17 +136,6 @@ _COPIED = (
     "PatientAge",
     "PatientSize",
     "PatientWeight",
-)
-_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
 )
 
 
@@ -1018,7 +1007,7 @@ def build_rtstruct(
     for keyword in _COPIED:
         if keyword in header:
             setattr(ds, keyword, header[keyword].value)
-        elif keyword in _TYPE2:
+        elif keyword in TYPE2_IDENTITY:
             setattr(ds, keyword, "")
     ds.StudyInstanceUID = reference.study_uid
     ds.FrameOfReferenceUID = reference.frame_of_reference_uid
