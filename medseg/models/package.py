@@ -25,13 +25,12 @@ from medseg.config import Config, load_config, save_config
 from medseg.data.plan import Plan, load_plan, save_plan
 from medseg.errors import ConfigError, ModelError
 from medseg.io.images import atomic_path, write_json_atomic
+from medseg.models.adapters.medseg_dir import MODEL_FILES, check_model_dir
 from medseg.models.networks import build_network
 from medseg.models.safe_load import load_weights
 from medseg.types import PathLike
 
 __all__ = ["MODEL_FILES", "LoadedModel", "load_model", "save_model"]
-
-MODEL_FILES = ("config.yaml", "plan.yaml", "weights.pt")
 
 
 @dataclass
@@ -69,12 +68,7 @@ def load_model(directory: PathLike) -> LoadedModel:
     Raises:
         ModelError: Missing files, invalid config/plan, or weights that do not fit the network.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ModelError(f"{directory}: model directory not found")
-    missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
-    if missing:
-        raise ModelError(f"{directory}: not a medseg model directory (missing {', '.join(missing)})")
+    directory = check_model_dir(Path(directory))
     try:
         config = load_config(directory / "config.yaml")
         plan = load_plan(directory / "plan.yaml")

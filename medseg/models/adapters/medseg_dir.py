@@ -35,6 +35,20 @@ SHARED_PLAN_FIELDS = ("channels", "labels", "target_spacing", "orientation", "pa
 MODEL_FILES = ("config.yaml", "plan.yaml", "weights.pt")
 
 
+def check_model_dir(directory: Path) -> Path:
+    """``directory`` if it is a folder holding every file in :data:`MODEL_FILES` (no torch import).
+
+    Raises:
+        ModelError: Not a folder, or a model file is missing.
+    """
+    if not directory.is_dir():
+        raise ModelError(f"{directory}: model directory not found")
+    missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
+    if missing:
+        raise ModelError(f"{directory}: not a medseg model directory (missing {', '.join(missing)})")
+    return directory
+
+
 class MedsegModelDir(ModelAdapter):
     """A model directory written by ``medseg train``.
 
@@ -56,12 +70,7 @@ class MedsegModelDir(ModelAdapter):
             self._loaded: LoadedModel | None = loaded
             self._networks = [loaded.network]
             return
-        directory = self.path
-        if not directory.is_dir():
-            raise ModelError(f"{directory}: model directory not found")
-        missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
-        if missing:
-            raise ModelError(f"{directory}: not a medseg model directory (missing {', '.join(missing)})")
+        directory = check_model_dir(self.path)
         from medseg.config import load_config
         from medseg.data.plan import load_plan
 
